@@ -1,0 +1,172 @@
+"""Runs every source on its own interval with APScheduler and keeps each source's latest result."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.schedulers.base import BaseScheduler
+
+from .redact import scrub
+from .snapshot import Snapshot
+from .sources.base import Source
+
+log = logging.getLogger("dbpool_exporter")
+
+# APScheduler logs every run at INFO; at one run per second per pool that would drown the host's
+# logs. Quiet it unless the host configured those loggers itself.
+for _name in ("apscheduler.executors.default", "apscheduler.scheduler"):
+    if logging.getLogger(_name).level == logging.NOTSET:
+        logging.getLogger(_name).setLevel(logging.WARNING)
+
+
+@dataclass(slots=True)
+class SourceState:
+    """What the collector reads: the last good snapshot and the source's own health."""
+
+    source: Source
+    snapshot: Snapshot | None = None
+    snapshot_at: float = 0.0  # monotonic
+    up: bool = False
+    last_success: float = 0.0  # wall clock, for the timestamp metric
+    duration: float = 0.0
+    errors: int = 0
+    polls: int = 0
+    last_error: str = ""
+
+    def fresh(self, now: float) -> bool:
+        # A snapshot older than a few intervals (a stalled loop, a hung poll) is not current.
+        return self.up and self.snapshot is not None and now - self.snapshot_at <= 3 * self.source.interval + 1
+
+
+class Poller:
+    """One APScheduler job per source: ``max_instances=1`` and coalesced, so polls never pile up."""
+
+    def __init__(self) -> None:
+        self.states: dict[str, SourceState] = {}
+        self._scheduler: BaseScheduler | None = None
+        self._private_loop: asyncio.AbstractEventLoop | None = None
+        self._lock = threading.Lock()
+
+    # --- sources ----------------------------------------------------------------------------
+    def add(self, source: Source) -> SourceState:
+        with self._lock:
+            if source.name in self.states:
+                raise ValueError(f"a source named {source.name!r} is already registered")
+            state = self.states[source.name] = SourceState(source)
+        if self._scheduler is not None:
+            self._schedule(state)
+        return state
+
+    def remove(self, name: str) -> Source:
+        with self._lock:
+            state = self.states.pop(name)
+        if self._scheduler is not None and self._scheduler.get_job(name) is not None:
+            self._scheduler.remove_job(name)
+        return state.source
+
+    # --- running ----------------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return self._scheduler is not None
+
+    def start(self) -> None:
+        """Use the running asyncio loop when there is one (async hosts), else a daemon thread."""
+        if self._scheduler is not None:
+            return
+        defaults = {"max_instances": 1, "coalesce": True, "misfire_grace_time": None}
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is not None:
+            self._scheduler = AsyncIOScheduler(event_loop=loop, job_defaults=defaults, timezone=timezone.utc)
+        else:
+            self._scheduler = BackgroundScheduler(job_defaults=defaults, daemon=True, timezone=timezone.utc)
+        self._scheduler.start()
+        for state in list(self.states.values()):
+            self._schedule(state)
+
+    def shutdown(self) -> None:
+        scheduler, self._scheduler = self._scheduler, None
+        if scheduler is not None:
+            # An AsyncIOScheduler cannot wait from outside its loop; its jobs are short anyway.
+            scheduler.shutdown(wait=isinstance(scheduler, BackgroundScheduler))
+        loop, self._private_loop = self._private_loop, None
+        if loop is not None:
+            loop.call_soon_threadsafe(loop.stop)
+
+    def _schedule(self, state: SourceState) -> None:
+        assert self._scheduler is not None
+        if isinstance(self._scheduler, AsyncIOScheduler):
+            async def job() -> None:
+                await self.poll_async(state)
+            func: Callable[[], Any] = job
+        else:
+            def func() -> None:
+                self.poll_sync(state)
+        self._scheduler.add_job(func, "interval", seconds=state.source.interval, id=state.source.name,
+                                name=state.source.name, next_run_time=datetime.now(timezone.utc))
+
+    # --- one poll -------------------------------------------------------------------------
+    def poll_sync(self, state: SourceState) -> None:
+        """Poll from a plain thread; a coroutine source runs on a private loop thread."""
+        started = time.perf_counter()
+        try:
+            result = state.source.poll()
+            if inspect.isawaitable(result):
+                result = asyncio.run_coroutine_threadsafe(_await(result), self._loop()).result()
+        except Exception as e:  # a broken source must never reach the host application
+            self._failed(state, e, started)
+        else:
+            self._succeeded(state, result, started)
+
+    async def poll_async(self, state: SourceState) -> None:
+        started = time.perf_counter()
+        try:
+            result = state.source.poll()
+            if inspect.isawaitable(result):
+                result = await result
+        except Exception as e:
+            self._failed(state, e, started)
+        else:
+            self._succeeded(state, result, started)
+
+    def _succeeded(self, state: SourceState, snapshot: Snapshot, started: float) -> None:
+        state.duration = time.perf_counter() - started
+        state.polls += 1
+        state.snapshot, state.snapshot_at = snapshot, time.monotonic()
+        state.last_success = time.time()
+        if not state.up:
+            if state.errors:
+                log.info("source recovered source=%s", state.source.name)
+            state.up, state.last_error = True, ""
+
+    def _failed(self, state: SourceState, error: Exception, started: float) -> None:
+        state.duration = time.perf_counter() - started
+        state.polls += 1
+        state.errors += 1
+        message = scrub(f"{type(error).__name__}: {error}".strip().splitlines()[0])
+        # Once per change of state, not once per poll.
+        if state.up or state.polls == 1 or message != state.last_error:
+            log.warning("source poll failed source=%s error=%r", state.source.name, message)
+        state.up, state.last_error = False, message
+
+    def _loop(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._private_loop is None:
+                loop = self._private_loop = asyncio.new_event_loop()
+                threading.Thread(target=loop.run_forever, name="dbpool-exporter-loop", daemon=True).start()
+            return self._private_loop
+
+
+async def _await(awaitable: Any) -> Any:
+    return await awaitable

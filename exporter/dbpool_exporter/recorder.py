@@ -1,0 +1,200 @@
+"""Event-level pool truth (acquire wait, hold time, peaks, leaks) with a tiny hot path.
+
+The host application's checkout path only appends floats to deques and updates a dict; folding
+those into histograms, computing peaks and looking for leaks happens in ``fold()``, which the
+scheduler calls from the poll job, off the hot path. ``deque.append``/``popleft``, ``dict``
+item assignment and ``pop`` are atomic under the GIL, so no lock is taken while the host waits.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+from types import CodeType
+from typing import Sequence
+
+from .snapshot import Histogram
+
+log = logging.getLogger("dbpool_exporter.leaks")
+
+# From well under a millisecond (an idle connection handed over) to past the 30 s default
+# timeout of SQLAlchemy (and psycopg_pool's 30 s), so a timed-out acquire lands in its own bucket.
+WAIT_BUCKETS: tuple[float, ...] = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0,
+    30.0, 45.0, 60.0, 120.0,
+)
+# Holds span a quick query to a long report or a leak.
+HOLD_BUCKETS: tuple[float, ...] = (
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0,
+)
+_STACK_DEPTH = 24
+
+
+@dataclass(frozen=False, slots=True)
+class _Checkout:
+    started: float
+    stack: tuple[tuple[CodeType, int], ...] | None
+    reported: bool = False
+
+
+class _Folded:
+    """Cumulative bucket counts owned by the poll job."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = tuple(sorted(bounds)) + (float("inf"),)
+        self.counts = [0] * len(self.bounds)
+        self.total = 0.0
+
+    def drain(self, raw: deque[float]) -> None:
+        bounds, counts = self.bounds, self.counts
+        while raw:
+            try:
+                value = raw.popleft()
+            except IndexError:  # drained concurrently
+                break
+            counts[bisect.bisect_left(bounds, value)] += 1
+            self.total += value
+
+    def snapshot(self) -> Histogram:
+        running, cumulative = 0, []
+        for c in self.counts:
+            running += c
+            cumulative.append(running)
+        return Histogram(self.bounds, tuple(cumulative), self.total)
+
+
+class Recorder:
+    """Per-pool event sink: the hooks write, ``fold()`` reads."""
+
+    def __init__(
+        self,
+        *,
+        wait_buckets: Sequence[float] = WAIT_BUCKETS,
+        hold_buckets: Sequence[float] = HOLD_BUCKETS,
+        leak_threshold: float | None = None,
+        peak_window: float = 60.0,
+        pool_name: str = "",
+    ) -> None:
+        self.waits: deque[float] = deque()
+        self.holds: deque[float] = deque()
+        self.waiting: deque[None] = deque()  # one entry per caller inside acquire
+        # The pool's limit, kept current by the source: a caller inside acquire only waits
+        # for the pool when every connection up to this limit is already out.
+        self.capacity: float = float("inf")
+        self.timeouts: deque[None] = deque()  # a deque's length is an atomic counter
+        self.out: dict[int, _Checkout] = {}
+        self.out_peak = 0
+        self.waiting_peak = 0
+        self.leak_threshold = leak_threshold
+        self.peak_window = peak_window
+        self.pool_name = pool_name
+        self._wait_hist = _Folded(wait_buckets)
+        self._hold_hist = _Folded(hold_buckets)
+        self._peaks: deque[tuple[float, int, int]] = deque()
+        self.leaks = 0
+
+    # --- hot path -------------------------------------------------------------------------
+    def acquire_started(self) -> float:
+        waiting = self.waiting
+        waiting.append(None)
+        blocked = len(self.out) + len(waiting) - self.capacity
+        if blocked > self.waiting_peak:
+            self.waiting_peak = int(blocked)
+        return time.perf_counter()
+
+    def acquired(self, key: int, started: float) -> None:
+        now = time.perf_counter()
+        self.waiting.pop()
+        self.waits.append(now - started)
+        out = self.out
+        out[key] = _Checkout(now, _capture_stack() if self.leak_threshold is not None else None)
+        if len(out) > self.out_peak:
+            self.out_peak = len(out)
+
+    def acquire_failed(self, started: float, timed_out: bool) -> None:
+        self.waiting.pop()
+        if timed_out:
+            self.waits.append(time.perf_counter() - started)
+            self.timeouts.append(None)
+
+    def released(self, key: int) -> None:
+        checkout = self.out.pop(key, None)
+        if checkout is not None:
+            held = time.perf_counter() - checkout.started
+            self.holds.append(held)
+            if checkout.reported:
+                log.warning("previously reported leaked connection returned pool=%s held_seconds=%.1f",
+                            self.pool_name, held)
+
+    # --- poll side --------------------------------------------------------------------------
+    def fold(self, checked_out_now: int | None = None) -> dict[str, object]:
+        """Drain raw events into histograms and return the event-level snapshot fields."""
+        self._wait_hist.drain(self.waits)
+        self._hold_hist.drain(self.holds)
+        now_mono = time.monotonic()
+        now = time.perf_counter()
+        out_now = len(self.out)
+        waiting_now = self.blocked()
+        # Reset the between-polls maxima to the present, then remember this poll's maxima.
+        out_max, self.out_peak = max(self.out_peak, out_now, checked_out_now or 0), out_now
+        wait_max, self.waiting_peak = max(self.waiting_peak, waiting_now), waiting_now
+        peaks = self._peaks
+        peaks.append((now_mono, out_max, wait_max))
+        while peaks and peaks[0][0] < now_mono - self.peak_window:
+            peaks.popleft()
+        checkouts = list(self.out.values())
+        oldest = max((now - c.started for c in checkouts), default=0.0)
+        if self.leak_threshold is not None:
+            self._report_leaks(checkouts, now)
+        return {
+            "acquire_wait": self._wait_hist.snapshot(),
+            "hold": self._hold_hist.snapshot(),
+            "pending": waiting_now,
+            "acquire_timeouts": len(self.timeouts),
+            "checked_out_peak": max(p[1] for p in peaks),
+            "pending_peak": max(p[2] for p in peaks),
+            "oldest_checkout_age": oldest,
+            "leaks": self.leaks if self.leak_threshold is not None else None,
+        }
+
+    def blocked(self) -> int:
+        """Callers inside acquire beyond the pool's limit: those waiting for a connection."""
+        return max(0, int(len(self.out) + len(self.waiting) - self.capacity)) if self.capacity < float("inf") else 0
+
+    def _report_leaks(self, checkouts: list[_Checkout], now: float) -> None:
+        threshold = self.leak_threshold or 0.0
+        for c in checkouts:
+            if not c.reported and now - c.started > threshold:
+                c.reported = True
+                self.leaks += 1
+                log.warning("connection leak suspected pool=%s held_seconds=%.1f threshold_seconds=%g "
+                            "checked_out_at:\n%s", self.pool_name, now - c.started, threshold,
+                            format_stack(c.stack or ()))
+
+
+def _capture_stack() -> tuple[tuple[CodeType, int], ...]:
+    # Code objects and line numbers only: no frames kept alive (their locals could be large),
+    # and no source lines read until a leak is actually reported.
+    frame = sys._getframe(3)
+    stack = []
+    while frame is not None and len(stack) < _STACK_DEPTH:
+        stack.append((frame.f_code, frame.f_lineno))
+        frame = frame.f_back
+    return tuple(stack)
+
+
+def format_stack(stack: tuple[tuple[CodeType, int], ...]) -> str:
+    """Innermost-last, like a traceback, skipping frames of the pool libraries themselves."""
+    lines = []
+    for code, lineno in reversed(stack):
+        filename = code.co_filename
+        if "/sqlalchemy/" in filename or "/psycopg_pool/" in filename or "/dbpool_exporter/" in filename:
+            continue
+        lines.append(f'  File "{filename}", line {lineno}, in {code.co_name}')
+    return "\n".join(lines)

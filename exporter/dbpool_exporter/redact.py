@@ -1,0 +1,46 @@
+"""Derive a password-free ``host:port`` and database name from a URL or libpq conninfo."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+_PASSWORD_PATTERNS = (
+    re.compile(r"(://[^:/@\s]*:)[^@\s]*@"),  # scheme://user:secret@host
+    re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.I),  # key=value conninfo
+    re.compile(r"(password=)[^&\s]*", re.I),  # ?password= in a URL query
+)
+
+
+def scrub(text: str) -> str:
+    """Remove anything that looks like a password from free text (errors, log lines)."""
+    for pattern in _PASSWORD_PATTERNS:
+        text = pattern.sub(lambda m: m.group(1) + "***" + ("@" if m.group(0).endswith("@") else ""), text)
+    return text
+
+
+def server_label(host: Any, port: Any) -> str | None:
+    """``host:port`` with libpq's defaults; a socket directory stays a path."""
+    if isinstance(host, (list, tuple)):
+        host = host[0] if host else None
+    host = str(host).split(",")[0] if host else "localhost"
+    port = str(port).split(",")[0] if port else "5432"
+    return f"{host}:{port}"
+
+
+def from_sqlalchemy_url(url: Any) -> tuple[str | None, str | None]:
+    """Server and database of a SQLAlchemy ``URL`` (never reads the password)."""
+    host = url.host or url.query.get("host")
+    port = url.port or url.query.get("port")
+    return server_label(host, port), url.database
+
+
+def from_conninfo(conninfo: str, kwargs: dict[str, Any] | None = None) -> tuple[str | None, str | None]:
+    """Server and database of a libpq conninfo string or URI plus connection kwargs."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        params = conninfo_to_dict(conninfo, **(kwargs or {}))
+    except Exception:  # an unparsable conninfo leaves the labels out, it never breaks a poll
+        return None, None
+    return server_label(params.get("host") or params.get("hostaddr"), params.get("port")), params.get("dbname")

@@ -1,0 +1,1 @@
+"""Sources: one module per kind of thing the exporter reads."""

@@ -1,0 +1,64 @@
+"""Shared fixtures: a real PostgreSQL (DBPOOL_TEST_DSN, the local server, or a throwaway cluster)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from typing import Iterator
+
+import psycopg
+import pytest
+from pgcluster import PgCluster
+from sqlalchemy.engine import make_url
+
+DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+def _answers(dsn: str) -> bool:
+    try:
+        psycopg.connect(dsn, connect_timeout=3).close()
+        return True
+    except psycopg.Error:
+        return False
+
+
+@pytest.fixture(scope="session")
+def pg_dsn() -> Iterator[str]:
+    """libpq URL of a server that answers; starts a throwaway cluster when none does."""
+    dsn = os.environ.get("DBPOOL_TEST_DSN", DEFAULT_DSN)
+    if _answers(dsn):
+        yield dsn
+        return
+    with PgCluster(max_connections="200") as cluster:
+        yield cluster.dsn
+
+
+def sa_url(dsn: str, driver: str) -> str:
+    """The same server as a SQLAlchemy URL for ``driver`` (psycopg or asyncpg)."""
+    return make_url(dsn).set(drivername=f"postgresql+{driver}").render_as_string(hide_password=False)
+
+
+@pytest.fixture
+def sync_url(pg_dsn: str) -> str:
+    return sa_url(pg_dsn, "psycopg")
+
+
+@pytest.fixture
+def async_url(pg_dsn: str) -> str:
+    return sa_url(pg_dsn, "asyncpg")
+
+
+@pytest.fixture(scope="session")
+def promtool() -> str:
+    path = shutil.which("promtool")
+    if path is None:
+        pytest.fail("promtool not found: install Debian's 'prometheus' package (.ci/run does)")
+    return path
+
+
+def check_metrics(promtool: str, text: str) -> None:
+    """Fail on anything `promtool check metrics` reports about an exposition."""
+    result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
+    assert result.returncode == 0 and not result.stdout.strip() and not result.stderr.strip(), (
+        result.stdout + result.stderr)
