@@ -9,7 +9,7 @@ from typing import Iterator
 
 import psycopg
 import pytest
-from pgcluster import PgCluster
+from dbpool_exporter.throwaway import PgCluster
 from sqlalchemy.engine import make_url
 
 DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/test"

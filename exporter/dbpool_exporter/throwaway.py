@@ -1,4 +1,4 @@
-"""Throwaway PostgreSQL clusters for tests that must stop, restart or starve a server."""
+"""Throwaway PostgreSQL clusters from local binaries: for the demo and for tests that stop servers."""
 
 from __future__ import annotations
 
