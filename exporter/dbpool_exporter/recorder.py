@@ -14,7 +14,7 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass
-from types import CodeType
+from types import CodeType, FrameType
 from typing import Sequence
 
 from .snapshot import Histogram
@@ -181,12 +181,32 @@ class Recorder:
 def _capture_stack() -> tuple[tuple[CodeType, int], ...]:
     # Code objects and line numbers only: no frames kept alive (their locals could be large),
     # and no source lines read until a leak is actually reported.
-    frame = sys._getframe(3)
+    frame: FrameType | None = sys._getframe(3)
     stack = []
-    while frame is not None and len(stack) < _STACK_DEPTH:
+    hops = 0
+    while len(stack) < _STACK_DEPTH:
+        if frame is None:
+            # SQLAlchemy's asyncio layer runs the pool inside a greenlet whose stack ends at
+            # greenlet_spawn; the application's coroutines are on the parent greenlet's stack.
+            frame = _parent_greenlet_frame(hops)
+            hops += 1
+            if frame is None:
+                break
         stack.append((frame.f_code, frame.f_lineno))
         frame = frame.f_back
     return tuple(stack)
+
+
+def _parent_greenlet_frame(hops: int) -> FrameType | None:
+    greenlet = sys.modules.get("greenlet")
+    if greenlet is None:
+        return None
+    current = greenlet.getcurrent()
+    for _ in range(hops + 1):
+        current = current.parent
+        if current is None:
+            return None
+    return current.gr_frame
 
 
 def format_stack(stack: tuple[tuple[CodeType, int], ...]) -> str:

@@ -69,9 +69,9 @@ class PsycopgPoolSource:
         )
         if self.recorder is not None:
             self.recorder.capacity = fields["max"] or float("inf")
-            event_fields = self.recorder.fold(fields["checked_out"])
-            event_fields.pop("pending")  # requests_waiting is the pool's own, exact count
-            fields.update(event_fields)
+            # The hooks' own count of waiters replaces requests_waiting: psycopg_pool leaves a
+            # timed-out client in its queue until the next connection comes back.
+            fields.update(self.recorder.fold(fields["checked_out"]))
         else:
             fields["acquire_timeouts"] = stats.get("requests_errors", 0)
         return PoolSnapshot(kind=self.kind, pool_class=type(self.pool).__name__, server=self.server,

@@ -36,6 +36,8 @@ class SQLAlchemySource:
         self.interval = interval
         self.recorder = recorder
         self._hooked: weakref.WeakSet[Pool] = weakref.WeakSet()
+        self._origins: list[Pool] = []  # pools our listeners were added to (kept for removal)
+        self._listeners: dict[str, Any] = {}
         if recorder is not None:
             self._hook(self.pool)
 
@@ -75,17 +77,32 @@ class SQLAlchemySource:
                             database=self.database, **fields)
 
     def close(self) -> None:
-        # The engine's current pool may have inherited our listeners through recreate().
-        for pool in {*self._hooked, self.pool}:
-            _unhook(pool)
+        for pool in list(self._hooked):
+            pool.__dict__.pop("connect", None)
+        # Removing a listener from the pool it was added to also removes the copies that
+        # Pool.recreate() (Engine.dispose()) made of it in its successors.
+        for pool in self._origins:
+            for name, fn in self._listeners.items():
+                if event.contains(pool, name, fn):
+                    event.remove(pool, name, fn)
         self._hooked.clear()
+        self._origins.clear()
 
     def _hook(self, pool: Pool) -> None:
-        _install(pool, self.recorder)  # type: ignore[arg-type]
+        recorder = self.recorder
+        assert recorder is not None
+        if not self._listeners:
+            self._listeners = _listeners(recorder)
+        pool.connect = _timed_connect(pool, recorder)  # type: ignore[method-assign]
+        for name, fn in self._listeners.items():
+            if fn not in getattr(pool.dispatch, name):  # recreate() may have copied it already
+                event.listen(pool, name, fn)
+                if pool not in self._origins:
+                    self._origins.append(pool)
         self._hooked.add(pool)
 
 
-def _install(pool: Pool, recorder: Recorder) -> None:
+def _timed_connect(pool: Pool, recorder: Recorder) -> Any:
     # SQLAlchemy has no "before checkout" event, and the checkout event fires after the wait.
     # Engine.raw_connection() calls pool.connect() (public API) for every checkout, sync or
     # async (AsyncAdaptedQueuePool waits inside it via greenlet), so an instance attribute
@@ -108,26 +125,14 @@ def _install(pool: Pool, recorder: Recorder) -> None:
         acquired(id(fairy.info), started)
         return fairy
 
+    return connect
+
+
+def _listeners(recorder: Recorder) -> dict[str, Any]:
+    released = recorder.released
+
     def checkin(dbapi_connection: Any, record: Any) -> None:
-        recorder.released(id(record.info))
+        released(id(record.info))
 
-    def detach(dbapi_connection: Any, record: Any) -> None:
-        recorder.released(id(record.info))
-
-    pool.connect = connect  # type: ignore[method-assign]
-    # Pool.recreate() copies listeners into the new pool; don't add them twice.
-    for name, fn in (("checkin", checkin), ("detach", detach)):
-        for old in _listeners(pool, name):
-            event.remove(pool, name, old)
-        event.listen(pool, name, fn)
-
-
-def _listeners(pool: Pool, name: str) -> list[Any]:
-    return [fn for fn in getattr(pool.dispatch, name) if getattr(fn, "__qualname__", "").startswith("_install.")]
-
-
-def _unhook(pool: Pool) -> None:
-    pool.__dict__.pop("connect", None)
-    for name in ("checkin", "detach"):
-        for fn in _listeners(pool, name):
-            event.remove(pool, name, fn)
+    # A detached connection leaves the pool for good: it is no longer checked out from it.
+    return {"checkin": checkin, "detach": checkin}

@@ -1,0 +1,122 @@
+"""psycopg_pool pools (sync and async) on a real PostgreSQL: gauges, moving counters, PoolTimeout."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+from prometheus_client import generate_latest
+from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
+
+from conftest import check_metrics
+from dbpool_exporter import Exporter
+
+
+def value(exporter: Exporter, metric: str, **labels: str) -> float | None:
+    exporter.poll_now()
+    return exporter.registry.get_sample_value(metric, {"pool": "ck", "kind": "psycopg", **labels})
+
+
+def test_sync_pool_counters_move_waiters_and_timeout(pg_dsn: str, promtool: str) -> None:
+    pool = ConnectionPool(pg_dsn, min_size=1, max_size=2, timeout=0.5, open=True)
+    pool.wait()
+    exporter = Exporter().register("ck", pool)
+    try:
+        assert value(exporter, "dbpool_min_connections") == 1
+        assert value(exporter, "dbpool_max_connections") == 2
+        assert value(exporter, "dbpool_acquire_timeout_seconds") == 0.5
+        assert value(exporter, "dbpool_psycopg_requests_total") == 0  # absent key counts as 0
+        with pool.connection() as conn:
+            conn.execute("select pg_sleep(0.05)")
+        assert value(exporter, "dbpool_psycopg_requests_total") == 1
+        assert value(exporter, "dbpool_psycopg_usage_seconds_total") >= 0.05
+
+        a, b = pool.getconn(), pool.getconn()
+        assert value(exporter, "dbpool_connections", state="checked_out") == 2
+        assert value(exporter, "dbpool_connections", state="idle") == 0
+        assert value(exporter, "dbpool_usage_ratio") == 1.0
+        assert value(exporter, "dbpool_overflow_connections") == 1
+
+        errors: list[BaseException] = []
+
+        def wait_for_one() -> None:
+            try:
+                pool.getconn()
+            except PoolTimeout as e:
+                errors.append(e)
+
+        waiter = threading.Thread(target=wait_for_one)
+        waiter.start()
+        deadline = time.monotonic() + 5
+        while value(exporter, "dbpool_pending_acquires") != 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        waiter.join()
+        assert len(errors) == 1
+        assert value(exporter, "dbpool_pending_acquires") == 0
+        assert value(exporter, "dbpool_pending_acquires_peak") == 1
+        assert value(exporter, "dbpool_acquire_timeouts_total") == 1
+        assert value(exporter, "dbpool_psycopg_requests_errors_total") == 1
+        assert value(exporter, "dbpool_psycopg_requests_queued_total") >= 1
+        assert value(exporter, "dbpool_psycopg_requests_wait_seconds_total") >= 0.45
+        assert value(exporter, "dbpool_acquire_wait_seconds_bucket", le="0.25") == 3
+        assert value(exporter, "dbpool_acquire_wait_seconds_bucket", le="1.0") == 4
+        pool.putconn(a)
+        pool.putconn(b)
+        assert value(exporter, "dbpool_connections", state="checked_out") == 0
+        assert value(exporter, "dbpool_connection_hold_seconds_count") == 3
+        text = generate_latest(exporter.registry).decode()
+        check_metrics(promtool, text)
+        exporter.unregister("ck")
+        assert "getconn" not in pool.__dict__ and "putconn" not in pool.__dict__
+    finally:
+        exporter.stop()
+        pool.close()
+
+
+def test_async_pool_waiters_and_counters(pg_dsn: str) -> None:
+    async def scenario() -> None:
+        pool = AsyncConnectionPool(pg_dsn, min_size=1, max_size=2, timeout=0.5, open=False)
+        await pool.open(wait=True)
+        exporter = Exporter().register("ck", pool)
+        try:
+            async with pool.connection() as conn:
+                await conn.execute("select 1")
+            assert value(exporter, "dbpool_psycopg_requests_total") == 1
+            a, b = await pool.getconn(), await pool.getconn()
+            assert value(exporter, "dbpool_usage_ratio") == 1.0
+            task = asyncio.create_task(pool.getconn())
+            for _ in range(200):
+                await asyncio.sleep(0.01)
+                if value(exporter, "dbpool_pending_acquires") == 1:
+                    break
+            assert value(exporter, "dbpool_pending_acquires") == 1
+            try:
+                await task
+                raise AssertionError("expected PoolTimeout")
+            except PoolTimeout:
+                pass
+            assert value(exporter, "dbpool_acquire_timeouts_total") == 1
+            await pool.putconn(a)
+            await pool.putconn(b)
+            assert value(exporter, "dbpool_connection_hold_seconds_count") == 3
+            exporter.unregister("ck")
+            assert "getconn" not in pool.__dict__
+        finally:
+            exporter.stop()
+            await pool.close()
+
+    asyncio.run(scenario())
+
+
+def test_info_has_server_and_database_but_never_the_password(pg_dsn: str) -> None:
+    conninfo = "host=127.0.0.1 port=5432 dbname=test user=postgres password=s3cr3t-pw"
+    pool = ConnectionPool(conninfo, min_size=0, max_size=1, open=False)
+    exporter = Exporter().register("ck", pool)
+    try:
+        assert value(exporter, "dbpool_pool_info", pool_class="ConnectionPool", server="127.0.0.1:5432",
+                     database="test") == 1
+        assert "s3cr3t-pw" not in generate_latest(exporter.registry).decode()
+    finally:
+        exporter.stop()
