@@ -110,9 +110,10 @@ class Exporter:
             self.unregister(name)
 
     async def astop(self) -> None:
-        """``stop()`` for async hosts (runs the blocking parts off the loop)."""
+        """``stop()`` for async hosts: the scheduler stops on its own loop, the rest off it."""
         import asyncio
 
+        self.poller.shutdown()  # an AsyncIOScheduler must be stopped from its loop's thread
         await asyncio.to_thread(self.stop)
 
     def __enter__(self) -> Exporter:
