@@ -275,7 +275,11 @@ def _dump(doc: dict[str, Any]) -> str:
 
 
 def render(overrides: dict[str, Any] | None = None) -> dict[str, str]:
-    """Rule files as ``{filename: YAML text}`` for CONFIG deep-merged with ``overrides``."""
+    """Rule files as ``{filename: YAML text}`` for CONFIG deep-merged with ``overrides``.
+
+    E.g. every alert with a short ``for:`` for an end-to-end test:
+    ``render({"alerts": {name: {"for": "10s"} for name in CONFIG["alerts"]}})``.
+    """
     config = merged(overrides)
     for name, settings in config["alerts"].items():
         if not isinstance(settings.get("for"), str):
