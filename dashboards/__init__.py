@@ -1,0 +1,1 @@
+"""Grafana dashboards for dbpool-exporter, written with grafanalib; `python dashboards/generate.py` writes the JSON."""
