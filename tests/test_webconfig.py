@@ -59,6 +59,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _leaf(d, "server", "ca", "DNS:localhost,IP:127.0.0.1,IP:::1", "serverAuth")
     _leaf(d, "client", "ca", "DNS:scraper.example,IP:2001:db8::7", "clientAuth")
     _leaf(d, "rogue", "rogue-ca", "DNS:scraper.example", "clientAuth")
+    _openssl(d, "pkey", "-in", "server.key", "-aes256", "-passout", "pass:secret", "-out", "encrypted.key")
     return d
 
 
@@ -256,6 +257,14 @@ def test_plain_http_and_garbage_on_a_tls_port_do_not_hurt_the_server(tmp_path, p
     assert request(server13, ctx=client_ctx(pki))[0] == 200
     assert request(server, ctx=client_ctx(pki))[0] == 200
     assert app.calls == ["/metrics", "/metrics"]
+
+
+def test_request_client_cert_admits_like_go(tmp_path, pki, serve):
+    # Go asks for a certificate but never verifies or requires it: any client gets in.
+    config = load_web_config(write(tmp_path, tls_block(pki, client_auth_type="RequestClientCert")))
+    server, _ = serve(config)
+    for cert in (None, "client", "rogue"):
+        assert request(server, ctx=client_ctx(pki, cert))[0] == 200
 
 
 @pytest.mark.parametrize("mode", ["RequireAndVerifyClientCert", "VerifyClientCertIfGiven"])
@@ -535,6 +544,10 @@ BAD = [
      "no effect"),
     ("key does not match", "tls_server_config:\n  cert_file: {crt}\n  key_file: {dir}/client.key\n",
      "tls_server_config.key_file", "does not match"),
+    ("encrypted key", "tls_server_config:\n  cert_file: {crt}\n  key_file: {dir}/encrypted.key\n",
+     "tls_server_config.key_file", "encrypted"),
+    ("header on two lines", "http_server_config:\n  headers:\n    Content-Security-Policy: \"a\\r\\nSet-Cookie: x\"\n",
+     "http_server_config.headers.Content-Security-Policy", "single-line"),
     ("cert not PEM", "tls_server_config:\n  cert_file: {dir}/client.ext\n  key_file: {key}\n",
      "tls_server_config.cert_file", "no PEM certificate"),
     ("CA file not PEM", "{tls}  client_auth_type: RequireAndVerifyClientCert\n  client_ca_file: {dir}/client.ext\n",

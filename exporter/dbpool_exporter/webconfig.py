@@ -440,8 +440,8 @@ def _parse_headers(value: Any) -> dict[str, str]:
             raise WebConfigError(p, f"header {name!r} can not be configured; allowed: {', '.join(_HEADERS)}")
         if v is None or v == "":
             continue  # "unset if blank"
-        if not isinstance(v, str) or "\r" in v or "\n" in v:
-            raise WebConfigError(f"{p}.{name}", "must be a single-line string")
+        if not isinstance(v, str) or "\r" in v or "\n" in v or not v.isascii():
+            raise WebConfigError(f"{p}.{name}", "must be a single-line ASCII string")
         if _HEADERS[name] and v not in _HEADERS[name]:
             raise WebConfigError(f"{p}.{name}", f"invalid value {v!r}; expected one of {', '.join(_HEADERS[name])}")
         headers[name] = v
