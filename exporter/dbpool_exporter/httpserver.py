@@ -1,0 +1,285 @@
+"""A small threaded HTTP(S) server for WSGI apps, guarded by a WebConfig: TLS, basic auth, headers."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+import socket
+import socketserver
+import ssl
+import threading
+import time
+from typing import Any, Callable, Iterable
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
+
+from .webconfig import WebConfig
+
+__all__ = ["RunningServer", "parse_listen_address", "serve_wsgi"]
+
+log = logging.getLogger("dbpool_exporter.http")
+
+WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+# What Go's net/http answers to plain HTTP on a TLS port, so `curl http://` users see why.
+_PLAIN_HTTP_REPLY = (b"HTTP/1.0 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                     b"Connection: close\r\n\r\nClient sent an HTTP request to an HTTPS server.\n")
+_PORT = re.compile(r"[0-9]{1,5}")
+
+
+def parse_listen_address(text: str) -> tuple[str, int]:
+    """``":9188"`` -> ``("", 9188)`` (all interfaces), ``"127.0.0.1:9188"``, ``"[::1]:9188"``; else ValueError."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("listen address is empty; expected host:port, e.g. :9188 or 127.0.0.1:9188")
+    if "/" in text or any(c.isspace() for c in text):
+        raise ValueError(f"listen address {text!r}: expected host:port, e.g. :9188 (not a URL)")
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep:
+            raise ValueError(f"listen address {text!r}: missing ']' after the IPv6 address")
+        if not rest.startswith(":"):
+            raise ValueError(f"listen address {text!r}: missing :port after ']'")
+        port_text = rest[1:]
+        try:
+            ipaddress.IPv6Address(host.partition("%")[0])
+        except ValueError:
+            raise ValueError(f"listen address {text!r}: {host!r} is not an IPv6 address") from None
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise ValueError(f"listen address {text!r}: missing port; expected host:port, e.g. :9188")
+        if ":" in host:
+            raise ValueError(f"listen address {text!r}: put an IPv6 address in brackets, e.g. [::1]:9188")
+    if not _PORT.fullmatch(port_text) or int(port_text) > 65535:
+        raise ValueError(f"listen address {text!r}: port must be a number from 0 to 65535")
+    return host, int(port_text)
+
+
+class RunningServer:
+    """A server started by ``serve_wsgi``; ``shutdown()`` stops it and closes its socket."""
+
+    def __init__(self, server: _Server, thread: threading.Thread, host: str) -> None:
+        self._server = server
+        self._thread = thread
+        self.port: int = server.server_address[1]
+        scheme = "https" if server.ssl_context is not None else "http"
+        self.url = f"{scheme}://{_url_host(host, server.address_family)}:{self.port}"
+
+    @property
+    def web_config(self) -> WebConfig | None:
+        return self._server.web_config
+
+    def set_web_config(self, web_config: WebConfig | None) -> None:
+        """Swap in a reloaded config (certificates re-read); TLS cannot be turned on or off while running."""
+        tls_now = self._server.ssl_context is not None
+        tls_new = web_config is not None and web_config.tls_enabled
+        if tls_now != tls_new:
+            raise ValueError("a running server cannot switch between HTTP and HTTPS; restart it")
+        self._server.configure(web_config)
+
+    def shutdown(self) -> None:
+        """Stop accepting, join the serving thread, close the listening socket."""
+        if self._thread.is_alive():
+            self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+    def __enter__(self) -> RunningServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+
+def serve_wsgi(
+    app: WSGIApp,
+    host: str,
+    port: int,
+    web_config: WebConfig | None = None,
+    *,
+    handshake_timeout: float = 10.0,
+    request_timeout: float = 60.0,
+) -> RunningServer:
+    """Serve ``app`` on ``host:port`` (``""`` = all interfaces, port 0 = any) from daemon threads.
+
+    With ``web_config``: TLS per its ``tls_server_config`` (handshakes run in the connection's own
+    thread, with a timeout, so a bad client never blocks others), basic auth checked before ``app``
+    sees any request, and its extra headers on every response. Raises OSError if it cannot listen.
+    """
+    family, address = _bind_address(host, port)
+    try:
+        server = _Server(address, family, _guard(app), handshake_timeout, request_timeout)
+    except OSError as exc:
+        shown = f"[{host}]" if ":" in host else host
+        raise OSError(exc.errno, f"cannot listen on {shown}:{port}: {exc.strerror or exc}") from None
+    try:
+        server.configure(web_config)
+    except BaseException:
+        server.server_close()
+        raise
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
+                              name=f"dbpool-exporter-http-{server.server_address[1]}", daemon=True)
+    thread.start()
+    return RunningServer(server, thread, host)
+
+
+class _TokenBucket:
+    """The toolkit's ``rate_limit``: one bucket for the whole server, ``burst`` deep, refilled every ``interval``."""
+
+    def __init__(self, interval: float, burst: int) -> None:
+        self._interval = interval
+        self._burst = burst
+        self._tokens = float(burst)
+        self._last = time.monotonic()
+        self._lock = threading.Lock()
+
+    def allow(self) -> bool:
+        with self._lock:
+            now = time.monotonic()
+            self._tokens = min(self._burst, self._tokens + (now - self._last) / self._interval)
+            self._last = now
+            if self._tokens >= 1:
+                self._tokens -= 1
+                return True
+            return False
+
+
+class _Server(socketserver.ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 64
+
+    def __init__(self, address: tuple[Any, ...], family: socket.AddressFamily, app: WSGIApp,
+                 handshake_timeout: float, request_timeout: float) -> None:
+        self.address_family = family
+        self.handshake_timeout = handshake_timeout
+        self.request_timeout = request_timeout
+        self.web_config: WebConfig | None = None
+        self.ssl_context: ssl.SSLContext | None = None
+        self.limiter: _TokenBucket | None = None
+        super().__init__(address, _Handler)
+        self.set_app(app)
+
+    def configure(self, web_config: WebConfig | None) -> None:
+        ctx = web_config.ssl_context() if web_config is not None else None
+        limiter = _TokenBucket(*web_config.rate_limit) if web_config and web_config.rate_limit else None
+        # Handlers read these three once per request; assignment is atomic, so a swap is safe.
+        self.ssl_context, self.limiter, self.web_config = ctx, limiter, web_config
+
+    def server_bind(self) -> None:
+        if self.address_family == socket.AF_INET6 and self.server_address[0] == "::":
+            # Like Go's ":port": one socket for IPv6 and IPv4.
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        # HTTPServer.server_bind would call getfqdn(), a DNS lookup that can stall start-up.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name = "localhost"
+        self.server_port = self.server_address[1]
+        self.setup_environ()
+        self.base_environ["dbpool_exporter.server"] = self
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        ctx = self.ssl_context
+        if ctx is None:
+            self.RequestHandlerClass(request, client_address, self)
+            return
+        conn = self._handshake(request, client_address, ctx)
+        if conn is None:
+            return
+        try:
+            self.RequestHandlerClass(conn, client_address, self)
+        finally:
+            conn.close()  # the plain socket was detached into conn; shutdown_request cannot close it
+
+    def _handshake(self, sock: socket.socket, client_address: Any, ctx: ssl.SSLContext) -> ssl.SSLSocket | None:
+        sock.settimeout(self.handshake_timeout)
+        try:
+            first = sock.recv(1, socket.MSG_PEEK)
+            if not first:
+                return None
+            if first.isalpha():  # an HTTP method where a TLS record should start
+                sock.sendall(_PLAIN_HTTP_REPLY)
+                return None
+            conn = ctx.wrap_socket(sock, server_side=True)
+        except (OSError, ValueError) as exc:  # SSLError and timeouts are OSErrors
+            log.debug("TLS handshake with %s failed: %s", client_address[0], exc)
+            return None
+        config = self.web_config
+        if config is not None and not config.peer_allowed(conn.getpeercert()):
+            log.debug("TLS client %s: certificate has none of client_allowed_sans", client_address[0])
+            conn.close()
+            return None
+        return conn
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # The default prints a traceback to stderr for every reset connection.
+        log.debug("connection from %s failed", client_address[0], exc_info=True)
+
+
+class _Handler(WSGIRequestHandler):
+    server: _Server
+
+    def setup(self) -> None:
+        self.timeout = self.server.request_timeout  # a silent client cannot hold its thread forever
+        super().setup()
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's signature
+        pass  # no access log: request lines are not ours to keep, and this runs per scrape
+
+    def end_headers(self) -> None:
+        # Only send_error() (400, 414, 431 before any app runs) comes through here; WSGI
+        # responses get the extra headers in _guard.
+        config = self.server.web_config
+        for name, value in (config.headers.items() if config else ()):
+            self.send_header(name, value)
+        super().end_headers()
+
+
+def _guard(app: WSGIApp) -> WSGIApp:
+    """Wrap ``app`` so rate limit and basic auth are enforced before it sees any request."""
+
+    def guarded(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        server: _Server = environ["dbpool_exporter.server"]
+        config, limiter = server.web_config, server.limiter
+        extra = list(config.headers.items()) if config else []
+        if limiter is not None and not limiter.allow():
+            start_response("429 Too Many Requests", [("Content-Type", "text/plain; charset=utf-8"), *extra])
+            return [b"Too Many Requests\n"]
+        if config is not None and not config.check(environ.get("HTTP_AUTHORIZATION")):
+            start_response("401 Unauthorized", [("Content-Type", "text/plain; charset=utf-8"),
+                                                ("WWW-Authenticate", "Basic"), *extra])
+            return [b"Unauthorized\n"]
+        if not extra:
+            return app(environ, start_response)
+
+        def start_with_headers(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            present = {name.lower() for name, _ in headers}
+            return start_response(status, headers + [h for h in extra if h[0].lower() not in present], exc_info)
+
+        return app(environ, start_with_headers)
+
+    return guarded
+
+
+def _bind_address(host: str, port: int) -> tuple[socket.AddressFamily, tuple[Any, ...]]:
+    if host == "":
+        if socket.has_ipv6:
+            try:
+                socket.socket(socket.AF_INET6, socket.SOCK_STREAM).close()
+                return socket.AF_INET6, ("::", port)
+            except OSError:
+                pass
+        return socket.AF_INET, ("0.0.0.0", port)
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise OSError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    family, _, _, _, sockaddr = infos[0]
+    return family, sockaddr
+
+
+def _url_host(host: str, family: socket.AddressFamily) -> str:
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1" if host == "0.0.0.0" or family == socket.AF_INET else "localhost"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
