@@ -195,3 +195,30 @@ def test_asgi_app_with_both_seed_pools(async_url: str, pg_dsn: str) -> None:
             await engine.dispose()
 
     asyncio.run(scenario())
+
+
+def test_in_process_server_honours_web_config(tmp_path, sync_url: str) -> None:
+    import base64
+    import urllib.error
+
+    import bcrypt
+
+    from dbpool_exporter.webconfig import load_web_config
+
+    hashed = bcrypt.hashpw(b"pw", bcrypt.gensalt(rounds=4)).decode()
+    path = tmp_path / "web.yml"
+    path.write_text(f"basic_auth_users:\n  prom: '{hashed}'\n")
+    engine = create_engine(sync_url)
+    exporter = Exporter().register("app", engine).start_http_server(0, web_config=load_web_config(str(path)))
+    url = f"http://127.0.0.1:{exporter.http_port}/metrics"
+    try:
+        with pytest.raises(urllib.error.HTTPError) as denied:
+            scrape(url)
+        assert denied.value.code == 401
+        request = urllib.request.Request(url, headers={
+            "Authorization": "Basic " + base64.b64encode(b"prom:pw").decode()})
+        with urllib.request.urlopen(request, timeout=5) as response:
+            assert b"dbpool_source_up" in response.read()
+    finally:
+        exporter.stop()
+        engine.dispose()

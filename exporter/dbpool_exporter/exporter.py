@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import threading
 from typing import Any, Callable, Sequence
 
-from prometheus_client import CollectorRegistry, make_asgi_app, make_wsgi_app, start_http_server
+from prometheus_client import CollectorRegistry, make_asgi_app, make_wsgi_app
 
 from .collector import DbpoolCollector
+from .httpserver import RunningServer, serve_wsgi
 from .poller import Poller
 from .recorder import HOLD_BUCKETS, WAIT_BUCKETS, Recorder
 from .sources.base import Source
+from .webconfig import WebConfig
 
 
 class Exporter:
@@ -25,7 +26,7 @@ class Exporter:
         self.poller = Poller()
         self.collector = DbpoolCollector(self.poller)
         self.registry.register(self.collector)
-        self._http: tuple[Any, threading.Thread] | None = None
+        self._http: RunningServer | None = None
 
     def register(
         self,
@@ -74,15 +75,21 @@ class Exporter:
         self.poller.start()
         return self
 
-    def start_http_server(self, port: int, addr: str = "127.0.0.1") -> Exporter:
-        """Start polling and serve ``/metrics`` on ``addr:port`` from a daemon thread."""
+    def start_http_server(
+        self, port: int, addr: str = "127.0.0.1", web_config: WebConfig | None = None
+    ) -> Exporter:
+        """Start polling and serve ``/metrics`` on ``addr:port`` from daemon threads.
+
+        ``web_config`` (from ``load_web_config(path)``, the exporter-toolkit format) adds TLS and
+        basic auth; port 0 picks a free port (see ``http_port``).
+        """
         if self._http is None:
-            self._http = start_http_server(port, addr=addr, registry=self.registry)
+            self._http = serve_wsgi(self.wsgi_app(), addr, port, web_config)
         return self.start()
 
     @property
     def http_port(self) -> int | None:
-        return self._http[0].server_address[1] if self._http else None
+        return self._http.port if self._http else None
 
     def asgi_app(self) -> Callable[..., Any]:
         """An ASGI app serving this exporter's registry, to mount e.g. at ``/metrics``."""
@@ -102,10 +109,7 @@ class Exporter:
         self.poller.shutdown()
         http, self._http = self._http, None
         if http is not None:
-            server, thread = http
-            server.shutdown()
-            server.server_close()
-            thread.join(timeout=5)
+            http.shutdown()
         for name in list(self.poller.states):
             self.unregister(name)
 
