@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -279,13 +281,10 @@ class PostgresSource:
         """Close politely (a Terminate message, so the server logs no broken connection)."""
         conn, self._conn = self._conn, None
         if conn is not None and not conn.is_closed():
-            try:
-                await conn.close(timeout=1.0)
-            except Exception:
-                conn.terminate()
+            await _close_politely(conn)
 
     def close(self) -> None:
-        """Synchronous close for ``Exporter.unregister``: aborts the socket on the connection's own loop."""
+        """Synchronous close for ``Exporter.unregister``, from any thread, on the connection's own loop."""
         conn, self._conn = self._conn, None
         if conn is None or conn.is_closed():
             return
@@ -294,7 +293,45 @@ class PostgresSource:
         except RuntimeError:
             running = None
         loop = self._loop
-        if loop is None or running is loop or not loop.is_running():
+        if loop is None or loop.is_closed() or running is loop:
+            conn.terminate()  # on its loop already: the abort completes when this callback returns
+            return
+        if loop.is_running():
+            _close_on(loop, conn)
+            return
+        # A stopped loop (the poller's private one after shutdown) would never run the socket's
+        # close callback: run it here, briefly, so no socket or server backend is left behind.
+        with contextlib.suppress(Exception):
+            loop.run_until_complete(_close_politely(conn))
+            return
+        conn.terminate()
+
+
+def _close_on(loop: asyncio.AbstractEventLoop, conn: asyncpg.Connection) -> None:
+    """Close ``conn`` on ``loop`` from another thread, finishing the job here if the loop stops meanwhile."""
+    tasks: list[asyncio.Task[None]] = []
+    done = threading.Event()
+
+    def start() -> None:
+        task = loop.create_task(_close_politely(conn))
+        task.add_done_callback(lambda _: done.set())
+        tasks.append(task)
+
+    loop.call_soon_threadsafe(start)
+    deadline = time.monotonic() + 2.0
+    while not done.wait(0.05):
+        if not loop.is_running() and not loop.is_closed():
+            # Stopped under us (Poller.shutdown stops its loop before sources are closed).
+            with contextlib.suppress(Exception):
+                loop.run_until_complete(tasks[0] if tasks else _close_politely(conn))
+            return
+        if time.monotonic() > deadline:
             conn.terminate()
-        else:
-            loop.call_soon_threadsafe(conn.terminate)
+            return
+
+
+async def _close_politely(conn: asyncpg.Connection) -> None:
+    try:
+        await conn.close(timeout=1.0)
+    except Exception:
+        conn.terminate()
