@@ -33,6 +33,13 @@ def _run(args: argparse.Namespace) -> int:
     if not telemetry_path.startswith("/") or telemetry_path == "/" or telemetry_path.startswith("/-/"):
         log.error("--web.telemetry-path: must start with / and not be / or under /-/, got %r", telemetry_path)
         return 2
+    from .web import ListenAddressError, parse_listen_address
+
+    try:
+        parse_listen_address(args.web_listen_address)
+    except ListenAddressError as e:
+        log.error("--web.listen-address: %s", e)
+        return 2
 
     def loader() -> Config:
         return load_file(path) if path else from_environment()
@@ -45,13 +52,9 @@ def _run(args: argparse.Namespace) -> int:
         return 2
 
     from .daemon import Daemon
-    from .web import ListenAddressError
 
     try:
         daemon = Daemon(config, loader, listen_address=args.web_listen_address, telemetry_path=telemetry_path)
-    except ListenAddressError as e:
-        log.error("--web.listen-address: %s", e)
-        return 2
     except OSError as e:
         log.error("--web.listen-address: cannot listen on %s: %s", args.web_listen_address, e.strerror or e)
         return 1
