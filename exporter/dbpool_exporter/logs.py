@@ -57,9 +57,12 @@ def setup(level: str = "info", fmt: str = "logfmt", stream: object = None) -> No
         root.addHandler(_handler)
     _handler.setFormatter(_Formatter(fmt, secrets()))
     root.setLevel(LEVELS[level])
-    # asyncpg and APScheduler are chatty at debug; their warnings still come through.
-    for name in ("apscheduler", "asyncio"):
-        logging.getLogger(name).setLevel(max(LEVELS[level], logging.INFO))
+    # APScheduler logs every run at info, and a warning for every run skipped because the previous poll
+    # is still going. Skipping is the design (max_instances=1: a slow server never piles up queries) and
+    # the slow poll shows in dbpool_source_poll_duration_seconds and the source's own error, once.
+    logging.getLogger("apscheduler.executors.default").setLevel(logging.WARNING)
+    logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)
+    logging.getLogger("asyncio").setLevel(max(LEVELS[level], logging.INFO))
 
 
 def set_secrets(values: Iterable[str]) -> None:

@@ -245,7 +245,10 @@ class PostgresSource:
         except Exception as e:  # refused, timed out, auth, TLS, "starting up": all mean "retry later"
             self._failures += 1
             self._retry_at = time.monotonic() + min(self.backoff_max, self.interval * 2 ** (self._failures - 1))
-            detail = f"{type(e).__name__}: {e}".strip().splitlines()[0] if str(e) else type(e).__name__
+            if isinstance(e, asyncio.TimeoutError):
+                detail = f"no reply within {self.connect_timeout:g} s (connect_timeout)"
+            else:
+                detail = f"{type(e).__name__}: {e}".strip().splitlines()[0] if str(e) else type(e).__name__
             self._connect_error = self._redact(f"cannot connect to {self.server}: {detail}")
             raise ServerUnavailable(self._connect_error) from None
         self._conn, self._loop = conn, asyncio.get_running_loop()
@@ -268,7 +271,10 @@ class PostgresSource:
         except Exception as e:
             # Anything else may leave the connection mid-protocol: drop it, reconnect next poll.
             self._drop()
-            detail = f"{type(e).__name__}: {e}".strip().splitlines()[0] if str(e) else type(e).__name__
+            if isinstance(e, asyncio.TimeoutError):
+                detail = f"no reply within {self._client_timeout:g} s (client-side timeout)"
+            else:
+                detail = f"{type(e).__name__}: {e}".strip().splitlines()[0] if str(e) else type(e).__name__
             raise ServerUnavailable(self._redact(f"query failed on {self.server}: {detail}")) from None
         return build_snapshot(self.server, rows, self._capacity, max_label_values=self.max_label_values)
 
