@@ -179,3 +179,8 @@ def test_check_config_cli_process(tmp_path: Path) -> None:
         result = run(*args)
         assert result.returncode == 2, (args, result)
         assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr, (args, result)
+
+
+def test_readme_shows_the_example_file_verbatim() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert "```yaml\n" + EXAMPLE.read_text() + "```" in readme
