@@ -201,3 +201,13 @@ def test_label_values_are_bounded() -> None:
     assert len(sanitize("x" * 500)) == 128
     assert sanitize("tab\there\x00") == "tab?here?"
     assert sanitize("naïve ✓") == "naïve ✓"
+
+
+def test_libpq_client_parameters_do_not_reach_the_server(pg_dsn: str) -> None:
+    # asyncpg would forward unknown URI parameters as server settings; the server would refuse these.
+    sep = "&" if "?" in pg_dsn else "?"
+    dsn = f"{pg_dsn}{sep}connect_timeout=3&keepalives=1&application_name=someone-else&sslmode=disable"
+    with Exporter().register("params", PostgresSource("params", dsn, interval=0.5)) as exporter:
+        exporter.poll_now()
+        state = exporter.poller.states["params"]
+        assert state.up, state.last_error

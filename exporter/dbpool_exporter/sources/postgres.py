@@ -63,6 +63,12 @@ WHERE name IN ('max_connections', 'superuser_reserved_connections', 'reserved_co
 """
 
 MAX_LABEL_LENGTH = 128
+LIBPQ_CLIENT_ONLY = frozenset({
+    "application_name", "fallback_application_name", "connect_timeout", "hostaddr", "keepalives",
+    "keepalives_idle", "keepalives_interval", "keepalives_count", "tcp_user_timeout", "channel_binding",
+    "gssencmode", "sslcompression", "sslsni", "requirepeer", "require_auth", "load_balance_hosts",
+    "client_encoding", "replication", "gssdelegation", "sslcertmode",
+})
 
 
 def sanitize(value: str, limit: int = MAX_LABEL_LENGTH) -> str:
@@ -176,7 +182,7 @@ def connect_params(dsn: str) -> tuple[str, dict[str, str]]:
     """asyncpg DSN and libpq-parsed parameters of a URI or ``key=value`` conninfo.
 
     libpq (through psycopg) is the parser of record, so the ``server`` label comes out exactly as the
-    pools' does; asyncpg only reads URIs, so a key/value conninfo is re-encoded as URI query parameters.
+    pools' does; asyncpg only reads URIs, so the parsed parameters are re-encoded as URI query parameters.
     Raises ``ValueError`` with a message that never quotes the DSN.
     """
     from psycopg.conninfo import conninfo_to_dict
@@ -185,9 +191,12 @@ def connect_params(dsn: str) -> tuple[str, dict[str, str]]:
         params = {k: str(v) for k, v in conninfo_to_dict(dsn).items()}
     except Exception:
         raise ValueError("not a valid PostgreSQL connection string (URI or key=value conninfo)") from None
-    if dsn.strip().startswith(("postgresql://", "postgres://")):
-        return dsn, params
-    return "postgresql://?" + urlencode(params), params
+    # asyncpg would send any parameter it does not know as a server setting, and the server would refuse
+    # libpq's client-side ones; application_name is ours, the timeouts come from the config.
+    wire = {k: v for k, v in params.items() if k not in LIBPQ_CLIENT_ONLY}
+    if "hostaddr" in params and "host" not in params:
+        wire["host"] = params["hostaddr"]
+    return "postgresql://?" + urlencode(wire), params
 
 
 class PostgresSource:
