@@ -211,3 +211,51 @@ def test_libpq_client_parameters_do_not_reach_the_server(pg_dsn: str) -> None:
         exporter.poll_now()
         state = exporter.poller.states["params"]
         assert state.up, state.last_error
+
+
+def test_reconnects_back_off_and_the_backoff_is_capped() -> None:
+    """A listener that hangs up at once: polls keep failing fast, but connection attempts thin out."""
+    import asyncio
+    import socket
+
+    accepted: list[int] = []
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        listener.settimeout(0.05)
+        port = listener.getsockname()[1]
+        stop = threading.Event()
+
+        def hang_up() -> None:
+            while not stop.is_set():
+                try:
+                    conn, _ = listener.accept()
+                except OSError:
+                    continue
+                accepted.append(1)
+                conn.close()
+
+        thread = threading.Thread(target=hang_up, daemon=True)
+        thread.start()
+        source = PostgresSource("flaky", f"postgresql://u:Secret-pw-1@127.0.0.1:{port}/d", interval=0.05,
+                                backoff_max=0.2, connect_timeout=2)
+        errors: list[str] = []
+
+        async def poll_many() -> None:
+            for _ in range(30):
+                try:
+                    await source.poll()
+                except Exception as e:
+                    errors.append(str(e))
+                await asyncio.sleep(0.05)
+
+        try:
+            asyncio.run(poll_many())
+        finally:
+            stop.set()
+            thread.join(timeout=5)
+    assert len(errors) == 30
+    print("connection attempts:", len(accepted), "polls:", len(errors))
+    assert 2 <= len(accepted) < 30  # retried, but not on every poll
+    assert all("Secret-pw-1" not in e and e.startswith("cannot connect to 127.0.0.1:") for e in errors)
+    assert source._retry_at - time.monotonic() <= 0.2  # capped by backoff_max

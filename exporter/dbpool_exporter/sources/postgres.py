@@ -245,7 +245,7 @@ class PostgresSource:
                 self._dsn, timeout=self.connect_timeout,
                 server_settings={"application_name": APPLICATION_NAME,
                                  # Server-side bound: a query stuck on a lock is cancelled by the server.
-                                 "statement_timeout": str(int(self.statement_timeout * 1000))})
+                                 "statement_timeout": str(max(1, round(self.statement_timeout * 1000)))})
             try:
                 rows = await conn.fetch(CAPACITY_SQL, timeout=self._client_timeout)
             except BaseException:
@@ -253,7 +253,9 @@ class PostgresSource:
                 raise
         except Exception as e:  # refused, timed out, auth, TLS, "starting up": all mean "retry later"
             self._failures += 1
-            self._retry_at = time.monotonic() + min(self.backoff_max, self.interval * 2 ** (self._failures - 1))
+            # Exponent capped: a server down for days must not overflow the float.
+            delay = self.interval * 2 ** min(self._failures - 1, 32)
+            self._retry_at = time.monotonic() + min(self.backoff_max, delay)
             if isinstance(e, asyncio.TimeoutError):
                 detail = f"no reply within {self.connect_timeout:g} s (connect_timeout)"
             else:
