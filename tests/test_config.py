@@ -80,6 +80,8 @@ servers:
     ("servers: [{name: a, dsn: 'postgresql://h/d'}, {name: b, dsn: 'host=h password'}]",
      "servers[1].dsn: not a valid PostgreSQL connection string"),
     ("servers: [{name: a, dsn: 42}]", "servers[0].dsn: expected a non-empty string"),
+    ("servers: [{name: a, dsn: 'postgresql://h:5433/d'}, {name: b, dsn: 'host=h port=5433 dbname=e'}]",
+     "servers[1].dsn: same server (h:5433) as servers[0]"),
     ("servers: [{name: a, dsn_env: NOT_SET_ANYWHERE}]", "servers[0].dsn_env: environment variable NOT_SET_ANYWHERE"),
     ("servers: [{name: a, dsn_file: /nonexistent/dsn}]", "servers[0].dsn_file: cannot read /nonexistent/dsn"),
     ("servers: [{name: a, dsn: '${NOPE}'}]", "servers[0].dsn: environment variable NOPE is not set"),

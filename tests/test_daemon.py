@@ -10,11 +10,11 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
 from conftest import check_metrics
-from dbpool_exporter.throwaway import free_port
+from dbpool_exporter.throwaway import PgCluster, free_port
 from prometheus_client.parser import text_string_to_metric_families
 
 
@@ -150,11 +150,17 @@ def test_dsn_from_environment_and_custom_path(daemon, pg_dsn: str) -> None:  # t
     assert all(line.startswith('{"ts": ') for line in d.log().splitlines()), d.log()
 
 
-def test_sighup_reload_good_and_bad(daemon, pg_dsn: str) -> None:  # type: ignore[no-untyped-def]
+@pytest.fixture
+def second_server() -> Iterator[str]:
+    with PgCluster() as cluster:
+        yield cluster.dsn
+
+
+def test_sighup_reload_good_and_bad(daemon, pg_dsn: str, second_server: str) -> None:  # type: ignore[no-untyped-def]
     d = daemon(_config(("first", pg_dsn)))
     d.wait_for(lambda: d.value("dbpool_source_up", source="first") == 1, "first up")
 
-    d.write_config(_config(("first", pg_dsn), ("second", pg_dsn), extra="const_labels: {team: db}\n"))
+    d.write_config(_config(("first", pg_dsn), ("second", second_server), extra="const_labels: {team: db}\n"))
     d.proc.send_signal(signal.SIGHUP)
     d.wait_for(lambda: d.value("dbpool_source_up", source="second", team="db") == 1, "second up after reload")
     assert d.value("dbpool_exporter_config_last_reload_successful") == 1

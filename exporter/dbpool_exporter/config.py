@@ -9,6 +9,7 @@ from typing import Any, Mapping
 
 import yaml
 
+from .redact import server_label
 from .sources.postgres import connect_params
 
 # Keys a server (or `defaults`) may set, with their defaults. Durations are seconds.
@@ -201,7 +202,7 @@ def _unknown(raw: dict[str, Any], allowed: tuple[str, ...], path: str, problems:
             problems.append(f"{where}: unknown key (allowed: {', '.join(allowed)})")
 
 
-def _dsn(raw: dict[str, Any], path: str, env: Mapping[str, str], problems: list[str]) -> str | None:
+def _dsn(raw: dict[str, Any], path: str, env: Mapping[str, str], problems: list[str]) -> tuple[str, str] | None:
     given = [k for k in DSN_KEYS if k in raw]
     if len(given) != 1:
         what = "none" if not given else ", ".join(given)
@@ -231,11 +232,11 @@ def _dsn(raw: dict[str, Any], path: str, env: Mapping[str, str], problems: list[
     else:
         dsn = value
     try:
-        connect_params(dsn)
+        _, params = connect_params(dsn)
     except ValueError as e:
         problems.append(f"{where}: {e}")
         return None
-    return dsn
+    return dsn, server_label(params.get("host") or params.get("hostaddr"), params.get("port")) or ""
 
 
 def parse(data: Any, *, env: Mapping[str, str], origin: str = "") -> Config:
@@ -283,6 +284,8 @@ def parse(data: Any, *, env: Mapping[str, str], origin: str = "") -> Config:
     elif not raw_servers:
         problems.append("servers: at least one server is required")
     names: set[str] = set()
+    # pg_stat_activity is server-wide: two entries for one host:port would serve every server series twice.
+    seen_servers: dict[str, str] = {}
     for i, raw in enumerate(raw_servers):
         path = f"servers[{i}]"
         if not isinstance(raw, dict):
@@ -298,10 +301,18 @@ def parse(data: Any, *, env: Mapping[str, str], origin: str = "") -> Config:
             name = None
         else:
             names.add(name)
-        dsn = _dsn(raw, path, env, problems)
+        target = _dsn(raw, path, env, problems)
         settings = {**SERVER_DEFAULTS, **defaults, **_settings(raw, path, problems)}
-        if name is not None and dsn is not None:
-            servers.append(ServerConfig(name=name, dsn=dsn, **settings))
+        if target is not None:
+            dsn, server = target
+            if server in seen_servers:
+                key = next(k for k in DSN_KEYS if k in raw)
+                problems.append(f"{path}.{key}: same server ({server}) as {seen_servers[server]}; its series "
+                                f"would be served twice")
+                continue
+            seen_servers[server] = path
+            if name is not None:
+                servers.append(ServerConfig(name=name, dsn=dsn, **settings))
     if problems:
         raise ConfigError(problems)
     return Config(servers=tuple(servers), const_labels=const_labels, origin=origin)
