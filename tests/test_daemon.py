@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import os
 import signal
 import subprocess
@@ -134,6 +135,10 @@ def test_serves_and_stops_on_signal(daemon, pg_dsn: str, promtool: str, sig: int
     status, page = d.get("/")
     assert status == 200 and "<td>local</td><td>postgres</td><td>1</td>" in page and 'href="/metrics"' in page
     assert d.get("/nowhere")[0] == 404
+    request = urllib.request.Request(f"http://127.0.0.1:{d.port}/metrics", headers={"Accept-Encoding": "gzip"})
+    with urllib.request.urlopen(request, timeout=5) as response:
+        assert response.headers["Content-Encoding"] == "gzip"
+        assert b"dbpool_source_up" in gzip.decompress(response.read())
     code, took = d.stop(sig)
     print(f"stopped by signal {sig} in {took:.2f} s")
     assert code == 0, d.log()

@@ -259,3 +259,20 @@ def test_reconnects_back_off_and_the_backoff_is_capped() -> None:
     assert 2 <= len(accepted) < 30  # retried, but not on every poll
     assert all("Secret-pw-1" not in e and e.startswith("cannot connect to 127.0.0.1:") for e in errors)
     assert source._retry_at - time.monotonic() <= 0.2  # capped by backoff_max
+
+
+def test_unprivileged_monitor_counts_hidden_backends_as_unknown(cluster: PgCluster,
+                                                                open_conn: Callable[..., object]) -> None:
+    """Without pg_monitor a role cannot see other roles' state or backend_type: counted, not dropped."""
+    app = f"hidden-{uuid.uuid4().hex[:8]}"
+    open_conn(cluster.dsn, app)  # a superuser's backend, invisible in detail to u1
+    dsn = cluster.dsn.replace("postgres@", "u1@")
+    server = f"127.0.0.1:{cluster.port}"
+    labels = {"server": server, "database": "postgres", "user": "postgres", "application_name": app}
+    with _exporter(dsn) as exporter:
+        def counted() -> bool:
+            return _value(exporter, "dbpool_server_connections", **labels, state="unknown") == 1
+
+        _poll_until(exporter, counted)
+        assert counted(), generate_latest(exporter.registry).decode()
+        assert _value(exporter, "dbpool_server_connections", **labels, state="idle") == 0

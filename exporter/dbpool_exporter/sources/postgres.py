@@ -47,7 +47,11 @@ SELECT
     count(*) FILTER (WHERE wait_event_type = 'Lock') AS lock_waiting
 FROM pg_stat_activity
 -- Client backends only: autovacuum, walsenders and background workers don't take pool slots the same way.
-WHERE backend_type = 'client backend'
+WHERE (backend_type = 'client backend'
+       -- Without pg_read_all_stats, other roles' rows hide backend_type (and state) too. A row still
+       -- showing a database and a role is a client backend (or, rarely, a parallel worker): count it,
+       -- as state 'unknown', rather than silently undercount the server.
+       OR (backend_type IS NULL AND datname IS NOT NULL AND usesysid IS NOT NULL))
   -- Our own connection would always show as one active backend under our application_name.
   AND pid <> pg_backend_pid()
 GROUP BY 1, 2, 3, 4
