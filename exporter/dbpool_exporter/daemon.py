@@ -100,8 +100,8 @@ class Daemon:
         self.exporter.start()  # inside the running loop: an AsyncIOScheduler on this loop
         self.web.start()
         host, port = self.web.address
-        log.info("listening address=%s:%d telemetry_path=%s version=%s", host or "0.0.0.0", port,
-                 self.web.telemetry_path, __version__)
+        log.info("listening address=%s:%d telemetry_path=%s version=%s", f"[{host}]" if ":" in host else host,
+                 port, self.web.telemetry_path, __version__)
         log.info("config loaded from=%s %s", self.config.origin or "-", self.config.summary())
         first_round = loop.create_task(self._first_round())
         await self._stop.wait()

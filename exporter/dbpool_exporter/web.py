@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import gzip
 import html
 import logging
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -48,12 +50,28 @@ class _Server(ThreadingHTTPServer):
     allow_reuse_address = True
 
 
-def _server_class(host: str) -> type[ThreadingHTTPServer]:
-    if ":" in host:  # an IPv6 literal
-        import socket
+class _Server6(_Server):
+    address_family = socket.AF_INET6
 
-        return type("_Server6", (_Server,), {"address_family": socket.AF_INET6})
-    return _Server
+
+class _DualStack(_Server6):
+    """``:port``: IPv6 and IPv4 on one socket, as Go exporters listen on ``:port``."""
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+
+def _bind(host: str, port: int, handler: type[BaseHTTPRequestHandler]) -> ThreadingHTTPServer:
+    if host == "":
+        try:
+            return _DualStack(("::", port), handler)
+        except OSError as e:
+            if e.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+                raise
+            # No IPv6 on this host: every IPv4 interface, then.
+        return _Server(("", port), handler)
+    return (_Server6 if ":" in host else _Server)((host, port), handler)
 
 
 class WebServer:
@@ -64,7 +82,7 @@ class WebServer:
         host, port = parse_listen_address(address)
         self.telemetry_path = telemetry_path
         handler = _handler(self, registry, sources, ready, version)
-        self.httpd = _server_class(host)((host, port), handler)
+        self.httpd = _bind(host, port, handler)
         self._thread: threading.Thread | None = None
 
     @property
