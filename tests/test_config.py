@@ -186,3 +186,22 @@ def test_check_config_cli_process(tmp_path: Path) -> None:
 def test_readme_shows_the_example_file_verbatim() -> None:
     readme = (ROOT / "README.md").read_text()
     assert "```yaml\n" + EXAMPLE.read_text() + "```" in readme
+
+
+def test_subcommands_plug_in_from_their_own_modules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """demo/budget-style modules add a subcommand through add_parser(subparsers); absent ones are skipped."""
+    (tmp_path / "plug_ok.py").write_text(
+        "def add_parser(subparsers):\n"
+        "    p = subparsers.add_parser('hello')\n"
+        "    p.add_argument('--times', type=int, default=1)\n"
+        "    p.set_defaults(func=lambda args: print('hi' * args.times) or 0)\n")
+    (tmp_path / "plug_broken.py").write_text("import module_that_is_not_installed_anywhere\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr("dbpool_exporter.cli.PLUGINS", ("plug_ok", "plug_broken", "plug_absent"))
+    assert main(["hello", "--times", "2"]) == 0
+    assert capsys.readouterr().out == "hihi\n"
+    assert main(["plug_broken"]) == 1
+    assert "plug_broken is unavailable" in capsys.readouterr().err
+    assert main(["hello", "--bogus"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1

@@ -83,7 +83,7 @@ def _add_plugins(subparsers: Any) -> None:
             module = importlib.import_module(module_name)
         except ImportError as e:
             # The module is there but needs something not installed: say so when it is asked for.
-            command, reason = module_name.rsplit(".", 1)[1], f"{e}"
+            command, reason = module_name.rsplit(".", 1)[-1], f"{e}"
             sub = subparsers.add_parser(command, help=f"(unavailable: {reason})")
             sub.set_defaults(func=lambda _args, reason=reason, command=command: _unavailable(command, reason))
             continue
