@@ -1,0 +1,133 @@
+"""``dbpool-exporter`` command line: ``run``, ``check-config``, and subcommands other modules plug in."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import importlib.util
+import logging
+import sys
+from typing import Any, NoReturn, Sequence
+
+from . import __version__, logs
+from .config import Config, ConfigError, from_environment, load_file
+
+# Modules that add a subcommand through ``add_parser(subparsers)``; each is optional.
+PLUGINS = ("dbpool_exporter.demo", "dbpool_exporter.budget")
+
+log = logging.getLogger("dbpool_exporter")
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad flags give one line and exit 2 (argparse would print the whole usage first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _run(args: argparse.Namespace) -> int:
+    logs.setup(args.log_level, args.log_format)
+    path = args.config_file
+    telemetry_path = args.web_telemetry_path
+    if not telemetry_path.startswith("/") or telemetry_path == "/" or telemetry_path.startswith("/-/"):
+        log.error("--web.telemetry-path: must start with / and not be / or under /-/, got %r", telemetry_path)
+        return 2
+    from .web import ListenAddressError, parse_listen_address
+
+    try:
+        parse_listen_address(args.web_listen_address)
+    except ListenAddressError as e:
+        log.error("--web.listen-address: %s", e)
+        return 2
+
+    def loader() -> Config:
+        return load_file(path) if path else from_environment()
+
+    try:
+        config = loader()
+    except ConfigError as e:
+        for problem in e.problems:
+            log.error("bad config: %s", problem)
+        return 2
+
+    from .daemon import Daemon
+
+    try:
+        daemon = Daemon(config, loader, listen_address=args.web_listen_address, telemetry_path=telemetry_path)
+    except OSError as e:
+        log.error("--web.listen-address: cannot listen on %s: %s", args.web_listen_address, e.strerror or e)
+        return 1
+    try:
+        return asyncio.run(daemon.run())
+    except KeyboardInterrupt:  # Ctrl-C before the loop's own handler was installed
+        return 130
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    try:
+        config = load_file(args.file)
+    except ConfigError as e:
+        for problem in e.problems:
+            print(problem, file=sys.stderr)
+        return 2
+    print(f"ok: {args.file}: {config.summary()}")
+    return 0
+
+
+def _add_plugins(subparsers: Any) -> None:
+    for module_name in PLUGINS:
+        if importlib.util.find_spec(module_name) is None:
+            continue
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as e:
+            # The module is there but needs something not installed: say so when it is asked for.
+            command, reason = module_name.rsplit(".", 1)[-1], f"{e}"
+            sub = subparsers.add_parser(command, help=f"(unavailable: {reason})")
+            sub.set_defaults(func=lambda _args, reason=reason, command=command: _unavailable(command, reason))
+            continue
+        module.add_parser(subparsers)
+
+
+def _unavailable(command: str, reason: str) -> int:
+    print(f"dbpool-exporter: {command} is unavailable: {reason}", file=sys.stderr)
+    return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="dbpool-exporter",
+                     description="Prometheus exporter for database connection pools and PostgreSQL servers.")
+    parser.add_argument("--version", action="version", version=f"dbpool-exporter {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = subparsers.add_parser("run", help="run the exporter daemon")
+    run.add_argument("--config.file", dest="config_file", metavar="FILE",
+                     help="YAML config; without it one server comes from DATA_SOURCE_NAME or DATA_SOURCE_NAME_FILE")
+    run.add_argument("--web.listen-address", dest="web_listen_address", default=":9188", metavar="ADDR",
+                     help="host:port to serve on; ':9188' is every interface (default %(default)s)")
+    run.add_argument("--web.telemetry-path", dest="web_telemetry_path", default="/metrics", metavar="PATH",
+                     help="path of the metrics (default %(default)s)")
+    run.add_argument("--log.level", dest="log_level", default="info", choices=list(logs.LEVELS))
+    run.add_argument("--log.format", dest="log_format", default="logfmt", choices=list(logs.FORMATS))
+    run.set_defaults(func=_run)
+
+    check = subparsers.add_parser("check-config", help="validate a config file without connecting (exit 0 or 2)")
+    check.add_argument("file", metavar="FILE")
+    check.set_defaults(func=_check_config)
+
+    _add_plugins(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, bad flags: argparse already printed its line
+        return e.code if isinstance(e.code, int) else 2
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""``dbpool-exporter run``: the core Exporter on an asyncio loop, an HTTP thread, signals and reloads."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from typing import Callable, Iterator
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import Metric
+
+from . import __version__, logs
+from .config import Config, ConfigError, ServerConfig
+from .exporter import Exporter
+from .families import Families
+from .sources.postgres import connect_params
+from .web import SourceRow, WebServer
+
+log = logging.getLogger("dbpool_exporter.daemon")
+
+# How long shutdown waits for connections to close politely before aborting them.
+CLOSE_GRACE = 0.5
+
+
+class _Served:
+    """What ``/metrics`` serves: the core collector's families plus the daemon's own, with const labels."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        d = self.daemon
+        own = Families()
+        own.gauge("dbpool_exporter_build_info", "Always 1; the exporter's version as a label.",
+                  {"version": __version__}, 1.0)
+        own.gauge("dbpool_exporter_config_last_reload_successful",
+                  "1 if the last config (re)load succeeded, 0 if the daemon kept an older config.", {},
+                  1.0 if d.reload_ok else 0.0)
+        own.gauge("dbpool_exporter_config_last_reload_success_timestamp_seconds",
+                  "Unix time of the last successful config (re)load.", {}, d.reload_success_at)
+        labels = dict(d.config.const_labels)
+        for family in [*d.exporter.registry.collect(), *own]:
+            if labels:
+                # Const labels go last so they can never overwrite one the exporter set (config forbids clashes).
+                family.samples = [s._replace(labels={**s.labels, **labels}) for s in family.samples]
+            yield family
+
+
+def _secrets(config: Config) -> list[str]:
+    out = []
+    for server in config.servers:
+        out.append(server.dsn)
+        with contextlib.suppress(ValueError):
+            asyncpg_dsn, params = connect_params(server.dsn)
+            out += [asyncpg_dsn, params.get("password", "")]
+    return out
+
+
+class Daemon:
+    """Owns the sources of one config; ``run()`` until SIGTERM/SIGINT, reloading on SIGHUP."""
+
+    def __init__(self, config: Config, loader: Callable[[], Config], *, listen_address: str = ":9188",
+                 telemetry_path: str = "/metrics") -> None:
+        self.config = config
+        self.loader = loader
+        self.exporter = Exporter()
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_Served(self))  # type: ignore[arg-type]
+        self.reload_ok = True
+        self.reload_success_at = time.time()
+        self.ready = False
+        self._known_secrets: set[str] = set(_secrets(config))
+        logs.set_secrets(self._known_secrets)
+        # Bound here, before the loop starts, so a taken port is a one-line startup error.
+        self.web = WebServer(listen_address, telemetry_path, self.registry, sources=self.rows,
+                             ready=lambda: self.ready, version=__version__)
+        self._stop: asyncio.Event | None = None
+        self._reload_lock: asyncio.Lock | None = None
+
+    # --- state for the web thread ---------------------------------------------------------------
+    def rows(self) -> list[SourceRow]:
+        return [SourceRow(name, st.source.kind, st.up, st.last_success, st.last_error)
+                for name, st in sorted(self.exporter.poller.states.items())]
+
+    # --- lifecycle ------------------------------------------------------------------------------
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self._stop, self._reload_lock = asyncio.Event(), asyncio.Lock()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
+        for server in self.config.servers:
+            self.exporter.register(server.name, server.source())
+        self.exporter.start()  # inside the running loop: an AsyncIOScheduler on this loop
+        self.web.start()
+        host, port = self.web.address
+        log.info("listening address=%s:%d telemetry_path=%s version=%s", f"[{host}]" if ":" in host else host,
+                 port, self.web.telemetry_path, __version__)
+        log.info("config loaded from=%s %s", self.config.origin or "-", self.config.summary())
+        first_round = loop.create_task(self._first_round())
+        await self._stop.wait()
+        first_round.cancel()
+        log.info("shutting down")
+        await self.shutdown()
+        return 0
+
+    async def _first_round(self) -> None:
+        # Ready once every source has been polled (successfully or not) at least once.
+        while not all(st.polls > 0 for st in self.exporter.poller.states.values()):
+            await asyncio.sleep(0.05)
+        self.ready = True
+        log.info("ready sources=%d up=%d", len(self.exporter.poller.states),
+                 sum(st.up for st in self.exporter.poller.states.values()))
+
+    def stop(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+
+    async def shutdown(self) -> None:
+        self.exporter.poller.shutdown()
+        sources = [st.source for st in self.exporter.poller.states.values()]
+        await self._close(sources)
+        self.exporter.stop()  # unregisters; the connections are closed already
+        await asyncio.to_thread(self.web.stop)
+
+    @staticmethod
+    async def _close(sources: list[object]) -> None:
+        closers = [s.aclose() for s in sources if hasattr(s, "aclose")]  # type: ignore[attr-defined]
+        if closers:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*closers, return_exceptions=True), CLOSE_GRACE)
+        for source in sources:
+            with contextlib.suppress(Exception):
+                source.close()  # type: ignore[attr-defined]  # aborts whatever did not close in time
+
+    # --- SIGHUP ---------------------------------------------------------------------------------
+    async def reload(self) -> bool:
+        """Re-read the config; a bad one keeps the old config running and says why."""
+        assert self._reload_lock is not None
+        async with self._reload_lock:
+            try:
+                new = await asyncio.to_thread(self.loader)
+            except ConfigError as e:
+                self.reload_ok = False
+                for problem in e.problems:
+                    log.error("config reload failed, keeping the previous config: %s", problem)
+                return False
+            self._known_secrets |= set(_secrets(new))
+            logs.set_secrets(self._known_secrets)
+            await self._apply(new)
+            self.reload_ok, self.reload_success_at = True, time.time()
+            log.info("config reloaded from=%s %s", new.origin or "-", new.summary())
+            return True
+
+    async def _apply(self, new: Config) -> None:
+        old: dict[str, ServerConfig] = {s.name: s for s in self.config.servers}
+        wanted: dict[str, ServerConfig] = {s.name: s for s in new.servers}
+        # Unchanged servers keep their connection and history; changed ones (a rotated password too) restart.
+        gone = [name for name, cfg in old.items() if wanted.get(name) != cfg]
+        removed = []
+        for name in gone:
+            with contextlib.suppress(KeyError):
+                removed.append(self.exporter.poller.remove(name))
+        await self._close(removed)
+        for name, cfg in wanted.items():
+            if old.get(name) != cfg:
+                self.exporter.register(name, cfg.source())
+        self.config = new

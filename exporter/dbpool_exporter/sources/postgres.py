@@ -1,0 +1,358 @@
+"""PostgreSQL server source: client backends from ``pg_stat_activity`` and connection capacity (asyncpg)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Iterable
+from urllib.parse import urlencode
+
+import asyncpg
+
+from ..families import Families
+from ..redact import scrub, server_label
+
+APPLICATION_NAME = "dbpool-exporter"
+
+# Every state pg_stat_activity reports for a client backend, in its own spelling; each is exported
+# (0 included) so a rate or ratio over a state never sees a series vanish.
+STATES = ("active", "idle", "idle in transaction", "idle in transaction (aborted)",
+          "fastpath function call", "disabled")
+# Rows whose state we cannot see: the exporter's role lacks pg_read_all_stats (grant pg_monitor).
+UNKNOWN_STATE = "unknown"
+OTHER = "other"
+
+# One round trip per poll. Grouped in SQL so the result stays small however many backends there are;
+# the per-(database, application_name) and per-database figures are folded from these rows in Python.
+ACTIVITY_SQL = """
+SELECT
+    -- NULL for a backend still authenticating; '' keeps it a valid label value.
+    coalesce(datname, '') AS database,
+    coalesce(usename, '') AS "user",
+    coalesce(application_name, '') AS application_name,
+    -- NULL when our role may not see other roles' state (no pg_read_all_stats).
+    state,
+    count(*) AS connections,
+    -- now() is our statement's start; pg_stat_activity is sampled just after it, so a transaction
+    -- begun in between would come out slightly negative: clamp at 0.
+    greatest(max(extract(epoch FROM now() - xact_start)), 0)::float8 AS oldest_xact_age,
+    -- state_change is when the backend went idle in transaction: the time it has held locks for nothing.
+    greatest(max(extract(epoch FROM now() - state_change))
+             FILTER (WHERE state IN ('idle in transaction', 'idle in transaction (aborted)')), 0)::float8
+        AS oldest_idle_xact_age,
+    count(*) FILTER (WHERE wait_event_type = 'Lock') AS lock_waiting
+FROM pg_stat_activity
+-- Client backends only: autovacuum, walsenders and background workers don't take pool slots the same way.
+WHERE (backend_type = 'client backend'
+       -- Without pg_read_all_stats, other roles' rows hide backend_type (and state) too. A row still
+       -- showing a database and a role is a client backend (or, rarely, a parallel worker): count it,
+       -- as state 'unknown', rather than silently undercount the server.
+       OR (backend_type IS NULL AND datname IS NOT NULL AND usesysid IS NOT NULL))
+  -- Our own connection would always show as one active backend under our application_name.
+  AND pid <> pg_backend_pid()
+GROUP BY 1, 2, 3, 4
+"""
+
+# All three are postmaster-context settings: they change only with a restart, which also drops our
+# connection, so they are read once per connection rather than once per poll.
+# reserved_connections exists from PostgreSQL 16 on; on older servers the row is simply absent.
+CAPACITY_SQL = """
+SELECT name, setting::int AS value
+FROM pg_settings
+WHERE name IN ('max_connections', 'superuser_reserved_connections', 'reserved_connections')
+"""
+
+MAX_LABEL_LENGTH = 128
+LIBPQ_CLIENT_ONLY = frozenset({
+    "application_name", "fallback_application_name", "connect_timeout", "hostaddr", "keepalives",
+    "keepalives_idle", "keepalives_interval", "keepalives_count", "tcp_user_timeout", "channel_binding",
+    "gssencmode", "sslcompression", "sslsni", "requirepeer", "require_auth", "load_balance_hosts",
+    "client_encoding", "replication", "gssdelegation", "sslcertmode",
+})
+
+
+def sanitize(value: str, limit: int = MAX_LABEL_LENGTH) -> str:
+    """Keep a label value bounded: any string is valid in Prometheus, but not any length."""
+    value = "".join(ch if ch.isprintable() else "?" for ch in value[:limit])
+    return value
+
+
+class ServerUnavailable(Exception):
+    """Raised while the source is waiting to reconnect; carries the last connect error, unchanged."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSnapshot:
+    """One server at one instant: capacity, client backends by labels, transaction ages, lock waiters."""
+
+    server: str
+    max_connections: int
+    reserved_connections: int
+    # (database, user, application_name, state) -> count; every known state present.
+    connections: tuple[tuple[str, str, str, str, int], ...]
+    # (database, application_name) -> seconds
+    oldest_xact_age: tuple[tuple[str, str, float], ...]
+    oldest_idle_xact_age: tuple[tuple[str, str, float], ...]
+    # database -> backends waiting on a heavyweight lock
+    lock_waiting: tuple[tuple[str, int], ...]
+    # label name -> distinct values folded into "other"
+    folded: tuple[tuple[str, int], ...]
+
+    @property
+    def usable_connections(self) -> int:
+        return max(0, self.max_connections - self.reserved_connections)
+
+    def emit(self, name: str, out: Families) -> None:
+        # No `source` label: server series join pool series on `server` alone, whichever source read them.
+        server = {"server": self.server}
+        out.gauge("dbpool_server_max_connections", "The server's max_connections setting.", server,
+                  self.max_connections)
+        out.gauge("dbpool_server_reserved_connections",
+                  "Connection slots reserved for superusers and, from PostgreSQL 16, pg_use_reserved_connections.",
+                  server, self.reserved_connections)
+        out.gauge("dbpool_server_usable_connections",
+                  "Connection slots ordinary roles can use: max_connections minus the reserved ones.",
+                  server, self.usable_connections)
+        for database, user, app, state, count in self.connections:
+            out.gauge("dbpool_server_connections", "Client backends in pg_stat_activity, by state.",
+                      {**server, "database": database, "user": user, "application_name": app, "state": state},
+                      count)
+        for database, app, age in self.oldest_xact_age:
+            out.gauge("dbpool_server_oldest_transaction_age_seconds",
+                      "Age of the oldest open transaction (0 when none is open).",
+                      {**server, "database": database, "application_name": app}, age)
+        for database, app, age in self.oldest_idle_xact_age:
+            out.gauge("dbpool_server_oldest_idle_in_transaction_age_seconds",
+                      "How long the longest idle-in-transaction backend has been idle (0 when none is).",
+                      {**server, "database": database, "application_name": app}, age)
+        for database, count in self.lock_waiting:
+            out.gauge("dbpool_server_lock_waiting_connections", "Client backends waiting on a lock.",
+                      {**server, "database": database}, count)
+        for label, count in self.folded:
+            out.gauge("dbpool_server_folded_values",
+                      "Distinct label values folded into 'other' by the cardinality cap.",
+                      {**server, "label": label}, count)
+
+
+def _top(counts: dict[str, int], cap: int) -> set[str]:
+    # Busiest first; ties broken by name so the kept set does not flap between polls.
+    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    return {value for value, _ in ranked[:cap]}
+
+
+def build_snapshot(server: str, rows: Iterable[Any], capacity: dict[str, int], *,
+                   max_label_values: int = 50) -> ServerSnapshot:
+    """Fold grouped ``ACTIVITY_SQL`` rows into a snapshot, capping user/application_name cardinality."""
+    rows = [(sanitize(r["database"]), sanitize(r["user"]), sanitize(r["application_name"]),
+             r["state"] if r["state"] is not None else UNKNOWN_STATE, int(r["connections"]),
+             float(r["oldest_xact_age"] or 0.0), float(r["oldest_idle_xact_age"] or 0.0), int(r["lock_waiting"]))
+            for r in rows]
+    by_user: dict[str, int] = defaultdict(int)
+    by_app: dict[str, int] = defaultdict(int)
+    for _, user, app, _, count, *_ in rows:
+        by_user[user] += count
+        by_app[app] += count
+    keep_users, keep_apps = _top(by_user, max_label_values), _top(by_app, max_label_values)
+
+    connections: dict[tuple[str, str, str, str], int] = defaultdict(int)
+    xact: dict[tuple[str, str], float] = defaultdict(float)
+    idle_xact: dict[tuple[str, str], float] = defaultdict(float)
+    locks: dict[str, int] = defaultdict(int)
+    for database, user, app, state, count, xact_age, idle_age, waiting in rows:
+        user = user if user in keep_users else OTHER
+        app = app if app in keep_apps else OTHER
+        for known in STATES:
+            connections.setdefault((database, user, app, known), 0)
+        connections[(database, user, app, state)] += count
+        xact[(database, app)] = max(xact[(database, app)], xact_age)
+        idle_xact[(database, app)] = max(idle_xact[(database, app)], idle_age)
+        locks[database] += waiting
+    folded = (("application_name", len(by_app) - len(keep_apps)), ("user", len(by_user) - len(keep_users)))
+    max_connections = capacity.get("max_connections", 0)
+    reserved = capacity.get("superuser_reserved_connections", 0) + capacity.get("reserved_connections", 0)
+    return ServerSnapshot(
+        server=server, max_connections=max_connections, reserved_connections=reserved,
+        connections=tuple((*key, count) for key, count in sorted(connections.items())),
+        oldest_xact_age=tuple((*key, age) for key, age in sorted(xact.items())),
+        oldest_idle_xact_age=tuple((*key, age) for key, age in sorted(idle_xact.items())),
+        lock_waiting=tuple(sorted(locks.items())), folded=folded)
+
+
+def connect_params(dsn: str) -> tuple[str, dict[str, str]]:
+    """asyncpg DSN and libpq-parsed parameters of a URI or ``key=value`` conninfo.
+
+    libpq (through psycopg) is the parser of record, so the ``server`` label comes out exactly as the
+    pools' does; asyncpg only reads URIs, so the parsed parameters are re-encoded as URI query parameters.
+    Raises ``ValueError`` with a message that never quotes the DSN.
+    """
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        params = {k: str(v) for k, v in conninfo_to_dict(dsn).items()}
+    except Exception:
+        raise ValueError("not a valid PostgreSQL connection string (URI or key=value conninfo)") from None
+    # asyncpg would send any parameter it does not know as a server setting, and the server would refuse
+    # libpq's client-side ones; application_name is ours, the timeouts come from the config.
+    wire = {k: v for k, v in params.items() if k not in LIBPQ_CLIENT_ONLY}
+    if "hostaddr" in params and "host" not in params:
+        wire["host"] = params["hostaddr"]
+    return "postgresql://?" + urlencode(wire), params
+
+
+class PostgresSource:
+    """One persistent asyncpg connection per server, reconnected with capped exponential backoff.
+
+    Use it in-process too: ``exporter.register("db", PostgresSource("db", dsn))``.
+    """
+
+    kind = "postgres"
+
+    def __init__(self, name: str, dsn: str, *, interval: float = 10.0, statement_timeout: float = 5.0,
+                 connect_timeout: float = 5.0, max_label_values: int = 50, backoff_max: float = 30.0) -> None:
+        self.name = name
+        self.interval = interval
+        self.statement_timeout = statement_timeout
+        self.connect_timeout = connect_timeout
+        self.max_label_values = max_label_values
+        self.backoff_max = backoff_max
+        self._dsn, params = connect_params(dsn)
+        self.server = server_label(params.get("host") or params.get("hostaddr"), params.get("port")) or ""
+        self.database = params.get("dbname")
+        # Errors are scrubbed generically by the poller; this also catches the exact secret, whatever quoting.
+        # (Very short secrets are skipped: replacing them would garble every message and hide nothing.)
+        self._secrets = tuple(s for s in (dsn, self._dsn, params.get("password")) if s and len(s) >= 4)
+        self._conn: asyncpg.Connection | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._capacity: dict[str, int] = {}
+        self._failures = 0
+        self._retry_at = 0.0
+        self._connect_error = ""
+
+    def _redact(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return scrub(text)
+
+    async def _connect(self) -> asyncpg.Connection:
+        if self._conn is not None and not self._conn.is_closed():
+            return self._conn
+        now = time.monotonic()
+        if now < self._retry_at:
+            # Same message as the failure that started the wait, so the poller logs it only once.
+            raise ServerUnavailable(self._connect_error)
+        try:
+            conn = await asyncpg.connect(
+                self._dsn, timeout=self.connect_timeout,
+                server_settings={"application_name": APPLICATION_NAME,
+                                 # Server-side bound: a query stuck on a lock is cancelled by the server.
+                                 "statement_timeout": str(max(1, round(self.statement_timeout * 1000)))})
+            try:
+                rows = await conn.fetch(CAPACITY_SQL, timeout=self._client_timeout)
+            except BaseException:
+                conn.terminate()
+                raise
+        except Exception as e:  # refused, timed out, auth, TLS, "starting up": all mean "retry later"
+            self._failures += 1
+            # Exponent capped: a server down for days must not overflow the float.
+            delay = self.interval * 2 ** min(self._failures - 1, 32)
+            self._retry_at = time.monotonic() + min(self.backoff_max, delay)
+            if isinstance(e, asyncio.TimeoutError):
+                detail = f"no reply within {self.connect_timeout:g} s (connect_timeout)"
+            else:
+                detail = f"{type(e).__name__}: {e}".strip().splitlines()[0] if str(e) else type(e).__name__
+            self._connect_error = self._redact(f"cannot connect to {self.server}: {detail}")
+            raise ServerUnavailable(self._connect_error) from None
+        self._conn, self._loop = conn, asyncio.get_running_loop()
+        self._capacity = {r["name"]: r["value"] for r in rows}
+        self._failures, self._retry_at, self._connect_error = 0, 0.0, ""
+        return conn
+
+    @property
+    def _client_timeout(self) -> float:
+        # The server cancels at statement_timeout; this bounds a server or network that stops answering.
+        return self.statement_timeout + 1.0
+
+    async def poll(self) -> ServerSnapshot:
+        conn = await self._connect()
+        try:
+            rows = await conn.fetch(ACTIVITY_SQL, timeout=self._client_timeout)
+        except asyncpg.QueryCanceledError as e:
+            # statement_timeout: the connection is healthy, only this poll is lost.
+            raise ServerUnavailable(self._redact(f"query cancelled on {self.server}: {e}")) from None
+        except Exception as e:
+            # Anything else may leave the connection mid-protocol: drop it, reconnect next poll.
+            self._drop()
+            if isinstance(e, asyncio.TimeoutError):
+                detail = f"no reply within {self._client_timeout:g} s (client-side timeout)"
+            else:
+                detail = f"{type(e).__name__}: {e}".strip().splitlines()[0] if str(e) else type(e).__name__
+            raise ServerUnavailable(self._redact(f"query failed on {self.server}: {detail}")) from None
+        return build_snapshot(self.server, rows, self._capacity, max_label_values=self.max_label_values)
+
+    def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None and not conn.is_closed():
+            conn.terminate()
+
+    async def aclose(self) -> None:
+        """Close politely (a Terminate message, so the server logs no broken connection)."""
+        conn, self._conn = self._conn, None
+        if conn is not None and not conn.is_closed():
+            await _close_politely(conn)
+
+    def close(self) -> None:
+        """Synchronous close for ``Exporter.unregister``, from any thread, on the connection's own loop."""
+        conn, self._conn = self._conn, None
+        if conn is None or conn.is_closed():
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        loop = self._loop
+        if loop is None or loop.is_closed() or running is loop:
+            conn.terminate()  # on its loop already: the abort completes when this callback returns
+            return
+        if loop.is_running():
+            _close_on(loop, conn)
+            return
+        # A stopped loop (the poller's private one after shutdown) would never run the socket's
+        # close callback: run it here, briefly, so no socket or server backend is left behind.
+        with contextlib.suppress(Exception):
+            loop.run_until_complete(_close_politely(conn))
+            return
+        conn.terminate()
+
+
+def _close_on(loop: asyncio.AbstractEventLoop, conn: asyncpg.Connection) -> None:
+    """Close ``conn`` on ``loop`` from another thread, finishing the job here if the loop stops meanwhile."""
+    tasks: list[asyncio.Task[None]] = []
+    done = threading.Event()
+
+    def start() -> None:
+        task = loop.create_task(_close_politely(conn))
+        task.add_done_callback(lambda _: done.set())
+        tasks.append(task)
+
+    loop.call_soon_threadsafe(start)
+    deadline = time.monotonic() + 2.0
+    while not done.wait(0.05):
+        if not loop.is_running() and not loop.is_closed():
+            # Stopped under us (Poller.shutdown stops its loop before sources are closed).
+            with contextlib.suppress(Exception):
+                loop.run_until_complete(tasks[0] if tasks else _close_politely(conn))
+            return
+        if time.monotonic() > deadline:
+            conn.terminate()
+            return
+
+
+async def _close_politely(conn: asyncpg.Connection) -> None:
+    try:
+        await conn.close(timeout=1.0)
+    except Exception:
+        conn.terminate()
