@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from dbpool_exporter.cli import main
 from dbpool_exporter.config import ConfigError, from_environment, load_file, parse
 

@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
 from conftest import check_metrics
 from dbpool_exporter.throwaway import PgCluster, free_port
-from prometheus_client.parser import text_string_to_metric_families
 
 
 def _command() -> list[str]:

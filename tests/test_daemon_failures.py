@@ -16,8 +16,9 @@ from urllib.parse import quote
 
 import psycopg
 import pytest
-from dbpool_exporter.throwaway import PgCluster
 from test_daemon import DaemonProcess
+
+from dbpool_exporter.throwaway import PgCluster
 
 RIGHT = "R1ght-pa55word-0f-app"
 WRONG = "Wr0ng-pa55word-0f-app"

@@ -9,12 +9,13 @@ from typing import Callable, Iterator
 
 import psycopg
 import pytest
+from prometheus_client import generate_latest
+
 from conftest import check_metrics
 from dbpool_exporter import Exporter, Source
 from dbpool_exporter.redact import from_conninfo
 from dbpool_exporter.sources.postgres import STATES, PostgresSource, sanitize
 from dbpool_exporter.throwaway import PgCluster
-from prometheus_client import generate_latest
 
 
 @pytest.fixture(scope="module")
