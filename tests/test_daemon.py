@@ -214,3 +214,34 @@ def test_port_in_use_is_one_line(daemon, pg_dsn: str, tmp_path: Path) -> None:  
                              "--config.file", str(config)], capture_output=True, text=True, timeout=30, env=_env())
     output = (result.stdout + result.stderr).strip()
     assert result.returncode == 1 and len(output.splitlines()) == 1 and "cannot listen" in output, output
+
+
+def test_web_config_guards_every_daemon_endpoint(daemon, tmp_path: Path, pg_dsn: str) -> None:
+    import base64
+
+    import bcrypt
+
+    hashed = bcrypt.hashpw(b"s3cret", bcrypt.gensalt(rounds=4)).decode()
+    web = tmp_path / "web.yml"
+    web.write_text(f"basic_auth_users:\n  prometheus: '{hashed}'\n")
+    d = daemon(_config(("main", pg_dsn)), args=("--web.config.file", str(web)))
+    d.wait_for(lambda: d.get("/-/healthy")[0] == 401, "401 without credentials")
+    for path in ("/", "/metrics", "/-/ready", "/nope"):
+        assert d.get(path)[0] == 401
+    good = {"Authorization": "Basic " + base64.b64encode(b"prometheus:s3cret").decode()}
+    request = urllib.request.Request(f"http://127.0.0.1:{d.port}/metrics", headers=good)
+    with urllib.request.urlopen(request, timeout=5) as response:
+        assert b"dbpool_exporter_build_info" in response.read()
+    assert d.stop()[0] == 0
+    assert "s3cret" not in d.log()
+
+
+def test_bad_web_config_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    web = tmp_path / "web.yml"
+    web.write_text("tls_server_config:\n  cert_file: missing.crt\n  key_file: missing.key\n")
+    result = subprocess.run([*_command(), "run", "--web.config.file", str(web), "--web.listen-address",
+                             f"127.0.0.1:{free_port()}"], capture_output=True, text=True, timeout=30,
+                            env=_env(DATA_SOURCE_NAME="postgresql://postgres@127.0.0.1:1/x"))
+    assert result.returncode == 2
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    assert len(lines) == 1 and "--web.config.file" in lines[0] and "cert_file" in lines[0], lines

@@ -12,6 +12,7 @@ from typing import Any, NoReturn, Sequence
 
 from . import __version__, logs
 from .config import Config, ConfigError, from_environment, load_file
+from .webconfig import WebConfig
 
 # Modules that add a subcommand through ``add_parser(subparsers)``; each is optional.
 PLUGINS = ("dbpool_exporter.demo", "dbpool_exporter.budget")
@@ -33,12 +34,22 @@ def _run(args: argparse.Namespace) -> int:
     if not telemetry_path.startswith("/") or telemetry_path == "/" or telemetry_path.startswith("/-/"):
         log.error("--web.telemetry-path: must start with / and not be / or under /-/, got %r", telemetry_path)
         return 2
-    from .web import ListenAddressError, parse_listen_address
+    from .httpserver import parse_listen_address
+    from .webconfig import WebConfigError, load_web_config
 
     try:
         parse_listen_address(args.web_listen_address)
-    except ListenAddressError as e:
+    except ValueError as e:
         log.error("--web.listen-address: %s", e)
+        return 2
+
+    def web_config_loader() -> WebConfig | None:
+        return load_web_config(args.web_config_file) if args.web_config_file else None
+
+    try:
+        web_config_loader()
+    except WebConfigError as e:
+        log.error("--web.config.file: %s", e)
         return 2
 
     def loader() -> Config:
@@ -54,9 +65,13 @@ def _run(args: argparse.Namespace) -> int:
     from .daemon import Daemon
 
     try:
-        daemon = Daemon(config, loader, listen_address=args.web_listen_address, telemetry_path=telemetry_path)
+        daemon = Daemon(config, loader, listen_address=args.web_listen_address, telemetry_path=telemetry_path,
+                        web_config_loader=web_config_loader)
+    except WebConfigError as e:  # changed between the check above and now
+        log.error("--web.config.file: %s", e)
+        return 2
     except OSError as e:
-        log.error("--web.listen-address: cannot listen on %s: %s", args.web_listen_address, e.strerror or e)
+        log.error("--web.listen-address: %s", e.strerror or e)
         return 1
     try:
         return asyncio.run(daemon.run())
@@ -108,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="host:port to serve on; ':9188' is every interface (default %(default)s)")
     run.add_argument("--web.telemetry-path", dest="web_telemetry_path", default="/metrics", metavar="PATH",
                      help="path of the metrics (default %(default)s)")
+    run.add_argument("--web.config.file", dest="web_config_file", metavar="FILE",
+                     help="TLS and basic auth, in the Prometheus exporter-toolkit format")
     run.add_argument("--log.level", dest="log_level", default="info", choices=list(logs.LEVELS))
     run.add_argument("--log.format", dest="log_format", default="logfmt", choices=list(logs.FORMATS))
     run.set_defaults(func=_run)

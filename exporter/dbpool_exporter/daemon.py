@@ -18,6 +18,7 @@ from .exporter import Exporter
 from .families import Families
 from .sources.postgres import connect_params
 from .web import SourceRow, WebServer
+from .webconfig import WebConfig, WebConfigError
 
 log = logging.getLogger("dbpool_exporter.daemon")
 
@@ -66,7 +67,8 @@ class Daemon:
     """Owns the sources of one config; ``run()`` until SIGTERM/SIGINT, reloading on SIGHUP."""
 
     def __init__(self, config: Config, loader: Callable[[], Config], *, listen_address: str = ":9188",
-                 telemetry_path: str = "/metrics") -> None:
+                 telemetry_path: str = "/metrics", web_config_loader: Callable[[], WebConfig | None] | None = None
+                 ) -> None:
         self.config = config
         self.loader = loader
         self.exporter = Exporter()
@@ -78,8 +80,9 @@ class Daemon:
         self._known_secrets: set[str] = set(_secrets(config))
         logs.set_secrets(self._known_secrets)
         # Bound here, before the loop starts, so a taken port is a one-line startup error.
+        self.web_config_loader = web_config_loader or (lambda: None)
         self.web = WebServer(listen_address, telemetry_path, self.registry, sources=self.rows,
-                             ready=lambda: self.ready, version=__version__)
+                             ready=lambda: self.ready, version=__version__, web_config=self.web_config_loader())
         self._stop: asyncio.Event | None = None
         self._reload_lock: asyncio.Lock | None = None
 
@@ -98,7 +101,6 @@ class Daemon:
         for server in self.config.servers:
             self.exporter.register(server.name, server.source())
         self.exporter.start()  # inside the running loop: an AsyncIOScheduler on this loop
-        self.web.start()
         host, port = self.web.address
         log.info("listening address=%s:%d telemetry_path=%s version=%s", f"[{host}]" if ":" in host else host,
                  port, self.web.telemetry_path, __version__)
@@ -146,10 +148,16 @@ class Daemon:
         async with self._reload_lock:
             try:
                 new = await asyncio.to_thread(self.loader)
+                web_config = await asyncio.to_thread(self.web_config_loader)
+                self.web.set_web_config(web_config)  # certificates and users re-read
             except ConfigError as e:
                 self.reload_ok = False
                 for problem in e.problems:
                     log.error("config reload failed, keeping the previous config: %s", problem)
+                return False
+            except (WebConfigError, ValueError) as e:
+                self.reload_ok = False
+                log.error("web config reload failed, keeping the previous config: %s", e)
                 return False
             self._known_secrets |= set(_secrets(new))
             logs.set_secrets(self._known_secrets)
