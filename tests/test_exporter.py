@@ -222,3 +222,41 @@ def test_in_process_server_honours_web_config(tmp_path, sync_url: str) -> None:
     finally:
         exporter.stop()
         engine.dispose()
+
+
+def test_server_source_in_a_threaded_app_closes_its_connection(pg_dsn: str, sync_url: str) -> None:
+    import psycopg
+
+    from dbpool_exporter import PostgresSource
+
+    def exporter_backends() -> int:
+        with psycopg.connect(pg_dsn) as conn:
+            return conn.execute("select count(*) from pg_stat_activity where application_name = 'dbpool-exporter' "
+                                "and backend_type = 'client backend'").fetchone()[0]
+
+    before = exporter_backends()
+    engine = create_engine(sync_url)
+    # No running loop here: a BackgroundScheduler thread, the async source on the private loop.
+    exporter = Exporter().register("app", engine).register("db", PostgresSource("db", pg_dsn, interval=0.1)).start()
+    try:
+        deadline = time.monotonic() + 10
+        while exporter.registry.get_sample_value("dbpool_source_up", {"source": "db", "kind": "postgres"}) != 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert exporter.registry.get_sample_value("dbpool_server_max_connections", {
+            "server": _server_of(pg_dsn)}) is not None
+        assert exporter_backends() == before + 1
+    finally:
+        exporter.stop()
+        engine.dispose()
+    deadline = time.monotonic() + 5
+    while exporter_backends() != before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert exporter_backends() == before
+
+
+def _server_of(dsn: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    url = make_url(dsn)
+    return f"{url.host}:{url.port or 5432}"

@@ -112,6 +112,7 @@ class Exporter:
             http.shutdown()
         for name in list(self.poller.states):
             self.unregister(name)
+        self.poller.close_loop()
 
     async def astop(self) -> None:
         """``stop()`` for async hosts: the scheduler stops on its own loop, the rest off it."""

@@ -100,6 +100,9 @@ class Poller:
         if scheduler is not None:
             # An AsyncIOScheduler cannot wait from outside its loop; its jobs are short anyway.
             scheduler.shutdown(wait=isinstance(scheduler, BackgroundScheduler))
+
+    def close_loop(self) -> None:
+        """Stop the private loop; after the sources that live on it have been closed."""
         loop, self._private_loop = self._private_loop, None
         if loop is not None:
             loop.call_soon_threadsafe(loop.stop)
