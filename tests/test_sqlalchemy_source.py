@@ -125,6 +125,7 @@ def test_async_engine_to_max_waiters_and_timeout(async_url: str) -> None:
 
 def test_dispose_while_monitored_follows_the_new_pool(sync_url: str) -> None:
     engine = create_engine(sync_url, pool_size=2, max_overflow=0)
+    untouched = set(engine.pool.__dict__)
     exporter = Exporter().register("app", engine)
     try:
         first = engine.pool
@@ -145,8 +146,9 @@ def test_dispose_while_monitored_follows_the_new_pool(sync_url: str) -> None:
         assert "connect" in engine.pool.__dict__
         exporter.unregister("app")
         for pool in (first, engine.pool):
-            assert "connect" not in pool.__dict__
+            assert "connect" not in pool.__dict__ and "_return_conn" not in pool.__dict__
             assert not pool.dispatch.checkin and not pool.dispatch.detach
+        assert set(first.__dict__) == untouched  # nothing of ours is left on the instance
     finally:
         exporter.stop()
         engine.dispose()

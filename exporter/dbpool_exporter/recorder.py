@@ -32,6 +32,7 @@ HOLD_BUCKETS: tuple[float, ...] = (
     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0,
 )
 _STACK_DEPTH = 24
+_now = time.perf_counter  # a module global is found faster than time.perf_counter
 
 
 @dataclass(frozen=False, slots=True)
@@ -86,11 +87,15 @@ class Recorder:
         self.waiting: deque[None] = deque()  # one entry per caller inside acquire
         # The pool's limit, kept current by the source: a caller inside acquire only waits
         # for the pool when every connection up to this limit is already out.
-        self.capacity: float = float("inf")
+        self._capacity: float = float("inf")
         self.timeouts: deque[None] = deque()  # a deque's length is an atomic counter
-        self.out: dict[int, _Checkout] = {}
+        # Checkout start times, or _Checkout records when leak detection is on.
+        self.out: dict[int, float | _Checkout] = {}
         self.out_peak = 0
         self.waiting_peak = 0
+        # capacity + waiting_peak: a caller entering acquire raises the peak when len(out) +
+        # len(waiting) exceeds it, one comparison instead of float arithmetic on the hot path.
+        self.peak_gate: float = self._capacity
         self.leak_threshold = leak_threshold
         self.peak_window = peak_window
         self.pool_name = pool_name
@@ -99,38 +104,67 @@ class Recorder:
         self._peaks: deque[tuple[float, int, int]] = deque()
         self.leaks = 0
 
+    @property
+    def capacity(self) -> float:
+        return self._capacity
+
+    @capacity.setter
+    def capacity(self, value: float) -> None:
+        self._capacity = value
+        self.peak_gate = value + self.waiting_peak
+
     # --- hot path -------------------------------------------------------------------------
+    # The sources inline these four methods into their hooks (a Python call is a sizeable share
+    # of a checkout: bench/checkout.py); a change here goes there too.
     def acquire_started(self) -> float:
         waiting = self.waiting
         waiting.append(None)
-        blocked = len(self.out) + len(waiting) - self.capacity
-        if blocked > self.waiting_peak:
-            self.waiting_peak = int(blocked)
-        return time.perf_counter()
+        inside = len(self.out) + len(waiting)
+        if inside > self.peak_gate:
+            self.raise_waiting_peak(inside)
+        return _now()
 
     def acquired(self, key: int, started: float) -> None:
-        now = time.perf_counter()
+        now = _now()
         self.waiting.pop()
         self.waits.append(now - started)
         out = self.out
-        out[key] = _Checkout(now, _capture_stack() if self.leak_threshold is not None else None)
+        # A bare start time unless leak detection needs a stack and a reported flag: building a
+        # _Checkout costs about as much as everything else here.
+        out[key] = now if self.leak_threshold is None else _Checkout(now, _capture_stack())
         if len(out) > self.out_peak:
             self.out_peak = len(out)
 
     def acquire_failed(self, started: float, timed_out: bool) -> None:
         self.waiting.pop()
         if timed_out:
-            self.waits.append(time.perf_counter() - started)
+            self.waits.append(_now() - started)
             self.timeouts.append(None)
 
     def released(self, key: int) -> None:
         checkout = self.out.pop(key, None)
         if checkout is not None:
-            held = time.perf_counter() - checkout.started
-            self.holds.append(held)
-            if checkout.reported:
-                log.warning("previously reported leaked connection returned pool=%s held_seconds=%.1f",
-                            self.pool_name, held)
+            if checkout.__class__ is float:
+                self.holds.append(_now() - checkout)
+            else:
+                self.released_checkout(checkout)  # type: ignore[arg-type]
+
+    # --- their slower branches ----------------------------------------------------------------
+    def raise_waiting_peak(self, inside: int) -> None:
+        """``inside`` callers hold or wait for a connection: more than ever since the last fold."""
+        self.waiting_peak = int(inside - self._capacity)
+        self.peak_gate = self._capacity + self.waiting_peak
+
+    def checkout(self, now: float) -> _Checkout:
+        """The leak-detection record of a checkout; called by the hook, so the stack skips it."""
+        return _Checkout(now, _capture_stack())
+
+    def released_checkout(self, checkout: _Checkout) -> None:
+        held = _now() - checkout.started
+        self.holds.append(held)
+        if checkout.reported:
+            log.warning("previously reported leaked connection returned pool=%s held_seconds=%.1f",
+                        self.pool_name, held)
 
     # --- poll side --------------------------------------------------------------------------
     def fold(self, checked_out_now: int | None = None) -> dict[str, object]:
@@ -144,14 +178,15 @@ class Recorder:
         # Reset the between-polls maxima to the present, then remember this poll's maxima.
         out_max, self.out_peak = max(self.out_peak, out_now, checked_out_now or 0), out_now
         wait_max, self.waiting_peak = max(self.waiting_peak, waiting_now), waiting_now
+        self.peak_gate = self._capacity + waiting_now
         peaks = self._peaks
         peaks.append((now_mono, out_max, wait_max))
         while peaks and peaks[0][0] < now_mono - self.peak_window:
             peaks.popleft()
         checkouts = list(self.out.values())
-        oldest = max((now - c.started for c in checkouts), default=0.0)
+        oldest = max((now - _started(c) for c in checkouts), default=0.0)
         if self.leak_threshold is not None:
-            self._report_leaks(checkouts, now)
+            self._report_leaks([c for c in checkouts if c.__class__ is _Checkout], now)
         return {
             "acquire_wait": self._wait_hist.snapshot(),
             "hold": self._hold_hist.snapshot(),
@@ -165,7 +200,7 @@ class Recorder:
 
     def blocked(self) -> int:
         """Callers inside acquire beyond the pool's limit: those waiting for a connection."""
-        return max(0, int(len(self.out) + len(self.waiting) - self.capacity)) if self.capacity < float("inf") else 0
+        return max(0, int(len(self.out) + len(self.waiting) - self._capacity)) if self._capacity < float("inf") else 0
 
     def _report_leaks(self, checkouts: list[_Checkout], now: float) -> None:
         threshold = self.leak_threshold or 0.0
@@ -178,9 +213,14 @@ class Recorder:
                             format_stack(c.stack or ()))
 
 
+def _started(checkout: float | _Checkout) -> float:
+    return checkout if checkout.__class__ is float else checkout.started  # type: ignore[union-attr,return-value]
+
+
 def _capture_stack() -> tuple[tuple[CodeType, int], ...]:
-    # Code objects and line numbers only: no frames kept alive (their locals could be large),
-    # and no source lines read until a leak is actually reported.
+    # Code objects and bytecode offsets only: no frames kept alive (their locals could be large),
+    # and line numbers, which cost a scan of each frame's line table, worked out only when a leak
+    # is actually reported.
     frame: FrameType | None = sys._getframe(3)
     stack = []
     hops = 0
@@ -192,7 +232,7 @@ def _capture_stack() -> tuple[tuple[CodeType, int], ...]:
             hops += 1
             if frame is None:
                 break
-        stack.append((frame.f_code, frame.f_lineno))
+        stack.append((frame.f_code, frame.f_lasti))
         frame = frame.f_back
     return tuple(stack)
 
@@ -209,12 +249,22 @@ def _parent_greenlet_frame(hops: int) -> FrameType | None:
     return current.gr_frame
 
 
+def _lineno(code: CodeType, lasti: int) -> int | None:
+    """What ``frame.f_lineno`` said at bytecode offset ``lasti``."""
+    if lasti < 0:
+        return code.co_firstlineno
+    for start, end, line in code.co_lines():
+        if start <= lasti < end:
+            return line
+    return None
+
+
 def format_stack(stack: tuple[tuple[CodeType, int], ...]) -> str:
     """Innermost-last, like a traceback, skipping frames of the pool libraries themselves."""
     lines = []
-    for code, lineno in reversed(stack):
+    for code, lasti in reversed(stack):
         filename = code.co_filename
         if "/sqlalchemy/" in filename or "/psycopg_pool/" in filename or "/dbpool_exporter/" in filename:
             continue
-        lines.append(f'  File "{filename}", line {lineno}, in {code.co_name}')
+        lines.append(f'  File "{filename}", line {_lineno(code, lasti)}, in {code.co_name}')
     return "\n".join(lines)
