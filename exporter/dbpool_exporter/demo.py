@@ -121,6 +121,11 @@ async def _demo(args: argparse.Namespace) -> int:
         engine, pool = await _pools(dsn)
         exporter.register("app", engine).register("checkpointer", pool)
         _register_server_source(exporter, dsn)
+        # Print the URL once the first poll landed, so an immediate curl already shows the pools.
+        for _ in range(50):
+            if all(state.snapshot is not None for state in exporter.poller.states.values()):
+                break
+            await asyncio.sleep(0.1)
 
         _banner(args, cluster, server)
         from .workload import Workload
