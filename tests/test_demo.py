@@ -81,16 +81,20 @@ class Demo:
         try:
             rc = self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
+            self.kill()
             pytest.fail("the demo did not exit in time; output:\n" + self.output)
         self._reader.join(timeout=5)
         return rc
 
     def kill(self) -> None:
+        """After a failed test: SIGTERM first, so the demo still removes its throwaway cluster."""
         if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
 
 
 @pytest.fixture
@@ -217,7 +221,7 @@ def test_demo_port_in_use_is_one_line(run_demo: type[Demo], pg_dsn: str) -> None
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
-        d = Demo("--dsn", pg_dsn, "--port", str(busy.getsockname()[1]))  # the last --port wins
+        d = run_demo("--dsn", pg_dsn, "--port", str(busy.getsockname()[1]))  # the last --port wins
         line = _one_line_failure(d)
     assert line.startswith("dbpool-exporter demo: cannot serve /metrics on 127.0.0.1:")
 
