@@ -14,7 +14,8 @@ import urllib.request
 from typing import Iterator
 
 import pytest
-from dbpool_exporter import demo
+from dbpool_exporter import budget, demo
+from dbpool_exporter.redact import from_conninfo
 from dbpool_exporter.throwaway import free_port
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -200,11 +201,18 @@ def test_demo_incident_exhausts_the_pool_not_the_server(run_demo: type[Demo]) ->
     _assert_cleaned_up(d, base)
 
 
-def test_demo_on_a_given_server_stops_on_sigterm(run_demo: type[Demo], pg_dsn: str) -> None:
+def test_demo_on_a_given_server_stops_on_sigterm(run_demo: type[Demo], pg_dsn: str,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
     d = run_demo("--dsn", pg_dsn)
     d.wait_line(r"metrics: http://", timeout=30)
     assert "your PostgreSQL" in d.output
     assert d.scrape()["dbpool_max_connections"][APP] == 12
+    # The budget command the banner suggests works as printed: this one process fits the server.
+    suggested = d.wait_line(r"\(see: dbpool-exporter budget (.+)\)$", timeout=1).group(1).split()
+    assert budget.main(suggested) == 0
+    server = from_conninfo(pg_dsn)[0]
+    assert re.search(rf"^{re.escape(server)} +2 +15 +\d+ \((exporter|--server-max)\) +\d+ +ok$",
+                     capsys.readouterr().out, re.M)
     d.proc.send_signal(signal.SIGTERM)
     assert d.finish() == 0, d.output
     assert "summary:" in d.output and "Traceback" not in d.output

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .redact import scrub
+from .redact import from_conninfo, scrub
 
 # The seed's pools, scaled down so a laptop can exhaust them in seconds (seed: 20+40, timeout 30;
 # psycopg 2..10, timeout 60).
@@ -120,14 +120,14 @@ async def _demo(args: argparse.Namespace) -> int:
             return 0
         engine, pool = await _pools(dsn)
         exporter.register("app", engine).register("checkpointer", pool)
-        _register_server_source(exporter, dsn)
+        with_server = _register_server_source(exporter, dsn)
         # Print the URL once the first poll landed, so an immediate curl already shows the pools.
         for _ in range(50):
             if all(state.snapshot is not None for state in exporter.poller.states.values()):
                 break
             await asyncio.sleep(0.1)
 
-        _banner(args, cluster, server)
+        _banner(args, cluster, server, with_server)
         from .workload import Workload
 
         workload = Workload(engine, pool, incident=args.incident, say=say)
@@ -237,19 +237,21 @@ async def _pools(dsn: str) -> tuple[Any, Any]:
     return engine, pool
 
 
-def _register_server_source(exporter: Any, dsn: str) -> None:
+def _register_server_source(exporter: Any, dsn: str) -> bool:
     # The PostgreSQL server source is optional here: the demo works with the pool sources alone.
     try:
         from .sources.postgres import PostgresSource  # type: ignore[import-not-found]
     except ImportError:
-        return
+        return False
     try:
         exporter.register("server", PostgresSource("server", dsn))
     except Exception as e:
         say(f"(server metrics unavailable: {_first_line(e)})")
+        return False
+    return True
 
 
-def _banner(args: argparse.Namespace, cluster: Any, server: Server) -> None:
+def _banner(args: argparse.Namespace, cluster: Any, server: Server, with_server: bool) -> None:
     where = f"throwaway PostgreSQL in {cluster.base}" if cluster is not None else "your PostgreSQL"
     say(f"database: {scrub(server.dsn)} ({where}, max_connections={server.max_connections}, "
         f"{server.usable} usable)")
@@ -259,12 +261,14 @@ def _banner(args: argparse.Namespace, cluster: Any, server: Server) -> None:
         f"max_overflow={ENGINE_POOL['max_overflow']} pool_timeout={ENGINE_POOL['pool_timeout']}; "
         f"checkpointer = psycopg AsyncConnectionPool min_size={CHECKPOINTER_POOL['min_size']} "
         f"max_size={CHECKPOINTER_POOL['max_size']} timeout={CHECKPOINTER_POOL['timeout']}")
+    host = "127.0.0.1" if args.listen in ("", "0.0.0.0", "::") else args.listen
+    url = f"http://{f'[{host}]' if ':' in host else host}:{args.port}/metrics"
     fit = server.usable // per_process
+    # Without the server source no exporter reports the server's capacity: pass it to budget.
+    capacity = "" if with_server else f" --server-max {from_conninfo(server.dsn)[0]}={server.usable}"
     say(f"budget: one process may open {per_process} of the server's {server.usable} usable connections: "
-        f"{fit} replicas fit, replica {fit + 1} would overcommit (try: dbpool-exporter budget)")
-    host = "127.0.0.1" if args.listen in ("", "0.0.0.0") else args.listen
-    host = f"[{host}]" if ":" in host else host
-    say(f"metrics: http://{host}:{args.port}/metrics")
+        f"{fit} replicas fit, replica {fit + 1} would overcommit (see: dbpool-exporter budget {url}{capacity})")
+    say(f"metrics: {url}")
     say("look at: dbpool_usage_ratio, dbpool_pending_acquires, dbpool_acquire_wait_seconds, "
         "dbpool_acquire_timeouts_total, dbpool_checked_out_peak")
     mode = "incident replay: load ramps up until the app pool is exhausted" if args.incident else "normal load"
