@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     except DemoError as e:
         print(f"dbpool-exporter demo: {e}", file=sys.stderr, flush=True)
         return 2
-    except KeyboardInterrupt:  # a second Ctrl-C during cleanup
+    except KeyboardInterrupt:  # Ctrl-C before the demo's own handlers were in place
         return 130
 
 
@@ -126,6 +126,8 @@ async def _demo(args: argparse.Namespace) -> int:
             if all(state.snapshot is not None for state in exporter.poller.states.values()):
                 break
             await asyncio.sleep(0.1)
+        if stop.is_set():
+            return 0
 
         _banner(args, cluster, server, with_server)
         from .workload import Workload
@@ -166,13 +168,17 @@ async def _throwaway(max_connections: int, stop: asyncio.Event) -> Any:
     except RuntimeError as e:
         raise DemoError(f"{e}; install PostgreSQL or pass --dsn") from None
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as e:
+        if stop.is_set():  # Ctrl-C in a terminal reaches initdb too: that is not a failure to report
+            return None
         raise DemoError(f"initdb failed: {_stderr_tail(e)}") from None
     try:
         await asyncio.to_thread(cluster.start)
     except BaseException as e:
         await asyncio.to_thread(cluster.destroy)
-        if isinstance(e, Exception):
+        if isinstance(e, Exception) and not stop.is_set():
             raise DemoError(f"the throwaway PostgreSQL did not start: {_stderr_tail(e)}") from None
+        if isinstance(e, Exception):
+            return None
         raise
     if stop.is_set():
         await asyncio.to_thread(cluster.destroy)
