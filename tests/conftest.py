@@ -9,8 +9,9 @@ from typing import Iterator
 
 import psycopg
 import pytest
-from dbpool_exporter.throwaway import PgCluster
 from sqlalchemy.engine import make_url
+
+from dbpool_exporter.throwaway import PgCluster
 
 DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 

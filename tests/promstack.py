@@ -14,6 +14,7 @@ import urllib.request
 from typing import Any, Callable, TypeVar
 
 import yaml
+
 from dbpool_exporter.throwaway import free_port
 
 T = TypeVar("T")

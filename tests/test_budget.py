@@ -10,13 +10,14 @@ from typing import Callable, Iterator
 
 import psycopg
 import pytest
+from psycopg_pool import ConnectionPool
+from sqlalchemy import create_engine
+from sqlalchemy.pool import NullPool
+
 from dbpool_exporter import Exporter, budget
 from dbpool_exporter.families import Families
 from dbpool_exporter.redact import from_conninfo
 from dbpool_exporter.throwaway import free_port
-from psycopg_pool import ConnectionPool
-from sqlalchemy import create_engine
-from sqlalchemy.pool import NullPool
 
 
 @dataclass(frozen=True)

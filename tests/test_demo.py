@@ -14,10 +14,11 @@ import urllib.request
 from typing import Iterator
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
 from dbpool_exporter import budget, demo
 from dbpool_exporter.redact import from_conninfo
 from dbpool_exporter.throwaway import free_port
-from prometheus_client.parser import text_string_to_metric_families
 
 QUEUEPOOL_ERROR = ("sqlalchemy.exc.TimeoutError: QueuePool limit of size 4 overflow 8 reached, "
                    "connection timed out, timeout 5.00")

@@ -13,11 +13,12 @@ from typing import Any, Callable
 
 import pytest
 import yaml
-from dbpool_exporter import Exporter
-from dbpool_exporter.throwaway import free_port
 from promstack import PromStack, StackError, wait_until
 from psycopg_pool import ConnectionPool
 from sqlalchemy import create_engine
+
+from dbpool_exporter import Exporter
+from dbpool_exporter.throwaway import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Overridable so the test can be pointed at rules/dashboards elsewhere; CI uses the repository's.
@@ -185,8 +186,10 @@ def test_alerts_reach_alertmanager_and_resolve_and_every_panel_answers(pg_dsn: s
                 Squeeze("checkpointer", lambda: pool.getconn(), lambda conn: pool.putconn(conn), 2)]
     stack: PromStack | None = None
     try:
-        # Leak detection on (threshold far away) so the leak panels have a series to show.
-        exporter.register("app", engine, leak_threshold=600).register("checkpointer", pool, leak_threshold=600)
+        # Leak detection on (threshold far away) so the leak panels have a series to show; a short
+        # peak window so peak-based rules see the release within the test's bounded wait.
+        for name, target in (("app", engine), ("checkpointer", pool)):
+            exporter.register(name, target, leak_threshold=600, peak_window=10)
         with_server = _register_server_source(exporter, pg_dsn)
         port = free_port()
         exporter.start_http_server(port)
