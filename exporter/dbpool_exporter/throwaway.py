@@ -36,12 +36,17 @@ class PgCluster:
         self.logfile = os.path.join(self.base, "server.log")
         self.settings = {"listen_addresses": "127.0.0.1", "unix_socket_directories": self.base,
                          "fsync": "off", "max_connections": "50", **settings}
-        if os.geteuid() == 0:
-            shutil.chown(self.base, "postgres", "postgres")
-        self._run("initdb", "-D", self.datadir, "-U", "postgres", "-A", "trust", "--no-sync")
-        with open(os.path.join(self.datadir, "postgresql.auto.conf"), "a") as f:
-            for key, value in self.settings.items():
-                f.write(f"{key} = '{value}'\n")
+        try:
+            if os.geteuid() == 0:
+                shutil.chown(self.base, "postgres", "postgres")
+            self._run("initdb", "-D", self.datadir, "-U", "postgres", "-A", "trust", "--no-sync")
+            with open(os.path.join(self.datadir, "postgresql.auto.conf"), "a") as f:
+                for key, value in self.settings.items():
+                    f.write(f"{key} = '{value}'\n")
+        except BaseException:
+            # The caller never gets an object to destroy(), so don't leave the directory behind.
+            shutil.rmtree(self.base, ignore_errors=True)
+            raise
 
     @property
     def dsn(self) -> str:
