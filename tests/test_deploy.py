@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import http.server
 import importlib.util
+import io
 import json
 import os
 import re
@@ -275,6 +276,29 @@ def test_dsn_variables_are_provided_where_configs_ask_for_them(tmp_path: Path) -
     assert "DBPOOL_MAIN_DSN" in (DEPLOY / "Dockerfile").read_text()
 
 
+def test_shipped_commands_parse_with_the_real_cli() -> None:
+    """Every command line deploy/ runs, parsed by the CLI itself, so a renamed flag fails here, not in production."""
+    daemon_cli()
+    from dbpool_exporter.cli import build_parser
+
+    services = compose()["services"]
+    cmd = [json.loads(a) for i, a in dockerfile_instructions() if i == "CMD"][0]
+    container = manifests()["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    [exec_start] = unit_directives()["ExecStart"]
+    commands = {"Dockerfile CMD": cmd, "compose exporter": services["exporter"]["command"],
+                "compose demo": services["demo"]["command"], "Deployment args": container["args"],
+                "systemd ExecStart": shlex.split(exec_start)[1:]}
+    for where, argv in commands.items():
+        parser = build_parser()
+        errors = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(errors):
+                parser.parse_args(argv)
+        except SystemExit:
+            hint = " (the demo subcommand comes from the demo branch)" if argv[:1] == ["demo"] else ""
+            pytest.fail(f"{where} does not parse: {errors.getvalue().strip()}{hint}")
+
+
 # --- compose ---------------------------------------------------------------------------------------
 def test_compose_references_files_that_exist() -> None:
     doc = compose()
@@ -296,6 +320,11 @@ def test_compose_references_files_that_exist() -> None:
         for dependency in service.get("depends_on", {}):
             assert dependency in services, f"{name} depends on unknown service {dependency}"
     assert "max_connections=100" in services["postgres"]["command"]
+    exporter = services["exporter"]
+    assert exporter["read_only"] is True and exporter["cap_drop"] == ["ALL"]
+    for name, service in services.items():
+        for port in service.get("ports", []):
+            assert port.startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
 
 
 def test_compose_demo_and_daemon_use_the_same_server_name() -> None:
