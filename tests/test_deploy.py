@@ -454,13 +454,19 @@ def test_resolved_dashboards_reference_only_provisioned_datasources(tmp_path: Pa
     assert resolver.main(["--datasource", f"prometheus={w['step_datasources']['prometheus']}",
                           str(DASHBOARDS), str(tmp_path)]) == 0
     known = {d["uid"] for d in w["datasources"]} | {d["name"] for d in w["datasources"]}
+    types = {d["type"] for d in w["datasources"]}
     builtin = {"-- Grafana --", "-- Mixed --", "-- Dashboard --", "grafana"}
     for path in files:
-        text = (tmp_path / path.name).read_text()
-        assert "${DS_" not in text, f"{path.name}: an input left unresolved"
-        dashboard = json.loads(text)
+        dashboard = json.loads((tmp_path / path.name).read_text())
+        assert "__inputs" not in dashboard
         templating = dashboard.get("templating", {}).get("list", [])
         variables = {v["name"] for v in templating if v.get("type") == "datasource"}
+        for variable in templating:
+            if variable.get("type") == "datasource":
+                # Grafana fills it with a datasource of this plugin type: one must be provisioned.
+                assert variable["query"] in types, f"{path.name}: variable {variable['name']} wants {variable['query']}"
+                current = (variable.get("current") or {}).get("value")
+                assert current in (None, "", *known), f"{path.name}: {variable['name']} preselects {current!r}"
         refs = list(_datasource_refs(dashboard))
         assert refs, f"{path.name} references no datasource"
         for ref in refs:
@@ -471,6 +477,21 @@ def test_resolved_dashboards_reference_only_provisioned_datasources(tmp_path: Pa
                 assert name.strip("${}") in variables, f"{path.name}: {name} is no datasource variable"
             else:
                 assert name in known | builtin, f"{path.name}: datasource {name!r} is not provisioned"
+
+
+def test_resolver_replaces_inputs_unless_a_variable_resolves_them(tmp_path: Path) -> None:
+    resolver = load_module(COMPOSE_DIR / "grafana" / "resolve_dashboards.py")
+    inputs = [{"name": "DS_PROMETHEUS", "type": "datasource", "pluginId": "prometheus"},
+              {"name": "VAR_JOB", "type": "constant", "value": "dbpool"}]
+    panel = {"datasource": {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}, "expr": 'up{job="${VAR_JOB}"}'}
+    plain = resolver.resolve({"__inputs": inputs, "id": 7, "panels": [panel]}, {"prometheus": "prom-uid"})
+    assert plain == {"id": None, "panels": [{"datasource": {"type": "prometheus", "uid": "prom-uid"},
+                                             "expr": 'up{job="dbpool"}'}]}
+    variable = {"name": "DS_PROMETHEUS", "type": "datasource", "query": "prometheus"}
+    with_variable = resolver.resolve({"__inputs": inputs, "panels": [panel], "templating": {"list": [variable]}},
+                                     {"prometheus": "prom-uid"})
+    assert with_variable["panels"][0]["datasource"]["uid"] == "${DS_PROMETHEUS}"
+    assert with_variable["panels"][0]["expr"] == 'up{job="dbpool"}' and "__inputs" not in with_variable
 
 
 def test_resolver_fails_in_one_line(tmp_path: Path) -> None:

@@ -3,7 +3,9 @@
 Grafana fills a dashboard's ``__inputs`` only in its interactive "Import" dialog; a provisioned file
 keeps the literal ``${DS_PROMETHEUS}`` and every panel says "datasource not found". This does what the
 dialog does: each datasource input becomes the uid of a provisioned datasource of that plugin type,
-each constant input its value, and ``__inputs`` is dropped.
+each constant input its value, and ``__inputs`` is dropped. An input that the dashboard also defines
+as a datasource template variable of the same name is left as is: Grafana resolves ``${NAME}`` through
+that variable at run time (the default datasource of its type), and the variable's picker keeps working.
 
     python resolve_dashboards.py --datasource prometheus=prometheus SRC_DIR OUT_DIR
 """
@@ -24,10 +26,14 @@ class InputError(Exception):
 def resolve(dashboard: dict[str, Any], datasources: dict[str, str]) -> dict[str, Any]:
     """The dashboard with every ``${INPUT}`` replaced; ``datasources`` maps plugin id -> datasource uid."""
     replacements: dict[str, str] = {}
+    templating = dashboard.get("templating", {}).get("list", [])
+    variables = {v.get("name") for v in templating if v.get("type") == "datasource"}
     for item in dashboard.get("__inputs", []):
         name, kind = item.get("name"), item.get("type")
         if not name:
             raise InputError("an __inputs entry has no name")
+        if kind == "datasource" and name in variables:
+            continue  # resolved by the dashboard's own variable
         if kind == "datasource":
             plugin = item.get("pluginId", "")
             if plugin not in datasources:
