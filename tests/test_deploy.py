@@ -401,39 +401,26 @@ def test_alertmanager_inhibitions_name_shipped_alerts() -> None:
 
 
 # --- Grafana provisioning --------------------------------------------------------------------------
-def _grafana_wiring() -> dict[str, Any]:
-    services = compose()["services"]
-    grafana, step = services["grafana"], services["grafana-dashboards"]
-    g_mounts = dict((t, s) for s, t in volumes_of(grafana))
-    provisioning = COMPOSE_DIR / g_mounts["/etc/grafana/provisioning"]
+def grafana_provisioning() -> tuple[dict[str, str], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Grafana's mounts (target -> source), provisioned datasources and dashboard providers."""
+    mounts = dict((t, s) for s, t in volumes_of(compose()["services"]["grafana"]))
+    provisioning = COMPOSE_DIR / mounts["/etc/grafana/provisioning"]
     datasources = [d for f in sorted((provisioning / "datasources").glob("*.yml"))
                    for d in load_yaml(f)["datasources"]]
     providers = [p for f in sorted((provisioning / "dashboards").glob("*.yml")) for p in load_yaml(f)["providers"]]
-    command = step["command"]
-    return {"services": services, "grafana_mounts": g_mounts, "datasources": datasources, "providers": providers,
-            "step_mounts": dict((t, s) for s, t in volumes_of(step)), "step_command": command,
-            "step_src": command[-2], "step_out": command[-1],
-            "step_datasources": dict(command[i + 1].split("=", 1) for i, a in enumerate(command)
-                                     if a == "--datasource")}
+    return mounts, datasources, providers
 
 
 def test_grafana_provisioning_points_at_the_shipped_dashboards() -> None:
-    w = _grafana_wiring()
-    assert w["services"]["grafana"]["depends_on"]["grafana-dashboards"]["condition"] == "service_completed_successfully"
-    prometheus = [d for d in w["datasources"] if d["type"] == "prometheus"]
+    mounts, datasources, providers = grafana_provisioning()
+    prometheus = [d for d in datasources if d["type"] == "prometheus"]
     assert len(prometheus) == 1 and prometheus[0]["url"] == "http://prometheus:9090"
-    assert w["step_datasources"] == {"prometheus": prometheus[0]["uid"]}, "the dashboards step must resolve "\
-        "${DS_PROMETHEUS} to the provisioned datasource's uid"
-    assert [p["type"] for p in w["providers"]] == ["file"]
-    path = w["providers"][0]["options"]["path"]
-    volume = w["grafana_mounts"].get(path)
-    assert volume and not is_bind(volume), f"Grafana's dashboard path {path} must be the dashboards step's volume"
-    assert w["step_mounts"][w["step_out"]] == volume, "the dashboards step writes elsewhere than Grafana reads"
-    src = (COMPOSE_DIR / w["step_mounts"][w["step_src"]]).resolve()
-    assert src == DASHBOARDS.resolve()
+    assert prometheus[0]["isDefault"] is True, "the dashboards' datasource variable picks the default one"
+    assert [p["type"] for p in providers] == ["file"]
+    path = providers[0]["options"]["path"]
+    assert path in mounts, f"Grafana's dashboard provider reads {path}, which compose does not mount"
+    assert (COMPOSE_DIR / mounts[path]).resolve() == DASHBOARDS.resolve()
     dashboard_files()
-    script = w["step_mounts"][w["services"]["grafana-dashboards"]["entrypoint"][1]]
-    assert (COMPOSE_DIR / script).resolve() == COMPOSE_DIR / "grafana" / "resolve_dashboards.py"
 
 
 def _datasource_refs(node: Any) -> Iterator[Any]:
@@ -447,18 +434,14 @@ def _datasource_refs(node: Any) -> Iterator[Any]:
             yield from _datasource_refs(item)
 
 
-def test_resolved_dashboards_reference_only_provisioned_datasources(tmp_path: Path) -> None:
-    w = _grafana_wiring()
-    resolver = load_module(COMPOSE_DIR / "grafana" / "resolve_dashboards.py")
-    files = dashboard_files()
-    assert resolver.main(["--datasource", f"prometheus={w['step_datasources']['prometheus']}",
-                          str(DASHBOARDS), str(tmp_path)]) == 0
-    known = {d["uid"] for d in w["datasources"]} | {d["name"] for d in w["datasources"]}
-    types = {d["type"] for d in w["datasources"]}
+def test_dashboards_resolve_their_datasource_when_provisioned() -> None:
+    """Provisioning ignores __inputs: every ${NAME} datasource must be a datasource variable of the dashboard."""
+    _, datasources, _ = grafana_provisioning()
+    known = {d["uid"] for d in datasources} | {d["name"] for d in datasources}
+    types = {d["type"] for d in datasources}
     builtin = {"-- Grafana --", "-- Mixed --", "-- Dashboard --", "grafana"}
-    for path in files:
-        dashboard = json.loads((tmp_path / path.name).read_text())
-        assert "__inputs" not in dashboard
+    for path in dashboard_files():
+        dashboard = json.loads(path.read_text(encoding="utf-8"))
         templating = dashboard.get("templating", {}).get("list", [])
         variables = {v["name"] for v in templating if v.get("type") == "datasource"}
         for variable in templating:
@@ -474,40 +457,11 @@ def test_resolved_dashboards_reference_only_provisioned_datasources(tmp_path: Pa
             if name is None:
                 continue  # Grafana's default datasource
             if name.startswith("$"):
-                assert name.strip("${}") in variables, f"{path.name}: {name} is no datasource variable"
+                assert name.strip("${}") in variables, (
+                    f"{path.name}: {name} is no datasource variable of the dashboard; Grafana provisioning does not "
+                    "resolve __inputs, so add a datasource template variable of that name")
             else:
                 assert name in known | builtin, f"{path.name}: datasource {name!r} is not provisioned"
-
-
-def test_resolver_replaces_inputs_unless_a_variable_resolves_them(tmp_path: Path) -> None:
-    resolver = load_module(COMPOSE_DIR / "grafana" / "resolve_dashboards.py")
-    inputs = [{"name": "DS_PROMETHEUS", "type": "datasource", "pluginId": "prometheus"},
-              {"name": "VAR_JOB", "type": "constant", "value": "dbpool"}]
-    panel = {"datasource": {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}, "expr": 'up{job="${VAR_JOB}"}'}
-    plain = resolver.resolve({"__inputs": inputs, "id": 7, "panels": [panel]}, {"prometheus": "prom-uid"})
-    assert plain == {"id": None, "panels": [{"datasource": {"type": "prometheus", "uid": "prom-uid"},
-                                             "expr": 'up{job="dbpool"}'}]}
-    variable = {"name": "DS_PROMETHEUS", "type": "datasource", "query": "prometheus"}
-    with_variable = resolver.resolve({"__inputs": inputs, "panels": [panel], "templating": {"list": [variable]}},
-                                     {"prometheus": "prom-uid"})
-    assert with_variable["panels"][0]["datasource"]["uid"] == "${DS_PROMETHEUS}"
-    assert with_variable["panels"][0]["expr"] == 'up{job="dbpool"}' and "__inputs" not in with_variable
-
-
-def test_resolver_fails_in_one_line(tmp_path: Path) -> None:
-    script = COMPOSE_DIR / "grafana" / "resolve_dashboards.py"
-    src = tmp_path / "src"
-    src.mkdir()
-
-    def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=30)
-
-    empty = run("--datasource", "prometheus=prometheus", str(src), str(tmp_path / "out"))
-    assert empty.returncode == 1 and empty.stderr.count("\n") == 1 and "no dashboards" in empty.stderr
-    (src / "d.json").write_text(json.dumps({"__inputs": [{"name": "DS_LOKI", "type": "datasource",
-                                                          "pluginId": "loki"}], "panels": []}))
-    unknown = run("--datasource", "prometheus=prometheus", str(src), str(tmp_path / "out"))
-    assert unknown.returncode == 1 and "--datasource loki=UID" in unknown.stderr and "Traceback" not in unknown.stderr
 
 
 # --- Kubernetes ------------------------------------------------------------------------------------
