@@ -64,7 +64,9 @@ def _poll_until(exporter: Exporter, check: Callable[[], bool], timeout: float = 
         time.sleep(0.1)
 
 
-def test_is_a_source_and_connects_as_dbpool_exporter(pg_dsn: str) -> None:
+def test_is_a_source_and_connects_as_dbpool_exporter(cluster: PgCluster) -> None:
+    # A cluster of its own: on a shared server another exporter's backend would be counted, rightly.
+    pg_dsn = cluster.dsn
     source = PostgresSource("db", pg_dsn, interval=0.5)
     assert isinstance(source, Source) and source.kind == "postgres"
     with _exporter(pg_dsn) as exporter:
