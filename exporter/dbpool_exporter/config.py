@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import yaml
 
-from .redact import server_label
+from .redact import scrub, server_label
 from .sources.postgres import connect_params
 
 # Keys a server (or `defaults`) may set, with their defaults. Durations are seconds.
@@ -27,6 +28,7 @@ RESERVED_LABELS = frozenset({"source", "kind", "server", "database", "user", "ap
                              "pool", "pool_class", "version", "le", "quantile"})
 _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 _ENV_REF = re.compile(r"\$(?:\$|\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\})")
+MAX_DURATION = 86400.0  # a day: longer is a typo, and larger values overflow the scheduler
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNITS = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
@@ -34,9 +36,26 @@ _UNITS = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 class ConfigError(Exception):
     """Every problem found, each a line of the form ``field: what is wrong``."""
 
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("\n".join(problems))
-        self.problems = problems
+    def __init__(self, problems: list[str], secrets: Iterable[str] = ()) -> None:
+        # One problem, one line, whatever the file contained (a key may hold a newline), and
+        # never a password: neither one that looks like one nor a value known to be secret.
+        hidden = sorted((x for x in secrets if x), key=len, reverse=True)
+        cleaned = []
+        for problem in problems:
+            for secret in hidden:
+                problem = problem.replace(secret, "***")
+            cleaned.append(_one_line(scrub(problem)))
+        super().__init__("\n".join(cleaned))
+        self.problems = cleaned
+
+
+def _one_line(text: str) -> str:
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _key_text(key: object) -> str:
+    """A key as it should appear in a field path: plain when it is a plain word, else quoted."""
+    return key if isinstance(key, str) and key and key.isprintable() and key.strip() == key else repr(key)
 
 
 @dataclass(frozen=True)
@@ -70,16 +89,27 @@ class Config:
 
 # --- reading --------------------------------------------------------------------------------------
 class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate keys (PyYAML silently keeps the last one)."""
+    """SafeLoader that rejects duplicate keys (PyYAML silently keeps the last one), non-scalar keys
+    and aliases (a config has ``defaults:`` for sharing; aliases only open the door to
+    billion-laughs expansion and self-referencing structures)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not supported", event.start_mark)
+        return super().compose_node(parent, index)
 
 
 def _mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
     seen: set[Any] = set()
     for key_node, _ in node.value:
+        if not isinstance(key_node, yaml.ScalarNode):
+            raise yaml.constructor.ConstructorError(None, None, "a key must be a plain value, not a list or mapping",
+                                                    key_node.start_mark)
         key = loader.construct_object(key_node)
         if key in seen:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r}", key_node.start_mark)
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}",
+                                                    key_node.start_mark)
         seen.add(key)
     return loader.construct_mapping(node)
 
@@ -88,10 +118,13 @@ _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _m
 
 
 def _yaml_problem(path: str, e: yaml.YAMLError) -> str:
-    # Never str(e): PyYAML quotes the offending line, which may be a DSN with a password.
+    # Never str(e): PyYAML quotes the offending line, which may be a DSN with a password; the
+    # problem text itself may quote a tag or key, so it is scrubbed by ConfigError too.
     mark = getattr(e, "problem_mark", None)
     where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else path
     problem = getattr(e, "problem", None) or "not valid YAML"
+    if "tag" in problem:
+        problem = "unknown or unsupported tag (!...)"
     return f"{where}: invalid YAML: {problem}"
 
 
@@ -105,9 +138,11 @@ def load_file(path: str, env: Mapping[str, str] | None = None) -> Config:
         raise ConfigError([f"{path}: cannot read config file: {reason}"]) from None
     try:
         data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+        return parse(data, env=os.environ if env is None else env, origin=path)
     except yaml.YAMLError as e:
         raise ConfigError([_yaml_problem(path, e)]) from None
-    return parse(data, env=os.environ if env is None else env, origin=path)
+    except RecursionError:
+        raise ConfigError([f"{path}: nested too deeply to be a config file"]) from None
 
 
 def from_environment(env: Mapping[str, str] | None = None) -> Config:
@@ -127,13 +162,14 @@ def from_environment(env: Mapping[str, str] | None = None) -> Config:
 
 
 # --- validating ----------------------------------------------------------------------------------
-def _interpolate(value: Any, path: str, env: Mapping[str, str], problems: list[str]) -> Any:
+def _interpolate(value: Any, path: str, env: Mapping[str, str], problems: list[str], secrets: set[str]) -> Any:
     """``${VAR}``, ``${VAR:-default}`` and ``$$`` in string values (after YAML parsing, so a value with
     YAML syntax in it cannot change the file's structure, and comments are never interpolated)."""
     if isinstance(value, dict):
-        return {k: _interpolate(v, f"{path}.{k}" if path else str(k), env, problems) for k, v in value.items()}
+        return {k: _interpolate(v, f"{path}.{_key_text(k)}" if path else _key_text(k), env, problems, secrets)
+                for k, v in value.items()}
     if isinstance(value, list):
-        return [_interpolate(v, f"{path}[{i}]", env, problems) for i, v in enumerate(value)]
+        return [_interpolate(v, f"{path}[{i}]", env, problems, secrets) for i, v in enumerate(value)]
     if not isinstance(value, str):
         return value
 
@@ -142,6 +178,10 @@ def _interpolate(value: Any, path: str, env: Mapping[str, str], problems: list[s
             return "$"
         name, default = m.group(1), m.group(2)
         if name in env:
+            # It may be a password: never quoted back in an error. Numbers and durations (a port,
+            # an interval) are not, and hiding them would garble every line that mentions them.
+            if len(env[name]) >= 4 and not _DURATION.match(env[name]):
+                secrets.add(env[name])
             return env[name]
         if default is not None:
             return default
@@ -166,6 +206,9 @@ def _duration(value: Any, path: str, problems: list[str], *, positive: bool = Tr
         return None
     if positive and not seconds > 0:
         problems.append(f"{path}: must be greater than 0, got {value!r}")
+        return None
+    if not math.isfinite(seconds) or seconds > MAX_DURATION:
+        problems.append(f"{path}: must be at most {MAX_DURATION:g} seconds (a day), got {value!r}")
         return None
     return seconds
 
@@ -198,11 +241,12 @@ def _settings(raw: dict[str, Any], path: str, problems: list[str]) -> dict[str, 
 def _unknown(raw: dict[str, Any], allowed: tuple[str, ...], path: str, problems: list[str]) -> None:
     for key in raw:
         if key not in allowed:
-            where = f"{path}.{key}" if path else str(key)
+            where = f"{path}.{_key_text(key)}" if path else _key_text(key)
             problems.append(f"{where}: unknown key (allowed: {', '.join(allowed)})")
 
 
-def _dsn(raw: dict[str, Any], path: str, env: Mapping[str, str], problems: list[str]) -> tuple[str, str] | None:
+def _dsn(raw: dict[str, Any], path: str, env: Mapping[str, str], problems: list[str],
+         secrets: set[str]) -> tuple[str, str] | None:
     given = [k for k in DSN_KEYS if k in raw]
     if len(given) != 1:
         what = "none" if not given else ", ".join(given)
@@ -231,8 +275,10 @@ def _dsn(raw: dict[str, Any], path: str, env: Mapping[str, str], problems: list[
             return None
     else:
         dsn = value
+    secrets.add(dsn)
     try:
         _, params = connect_params(dsn)
+        secrets.add(params.get("password") or "")
     except ValueError as e:
         problems.append(f"{where}: {e}")
         return None
@@ -246,7 +292,8 @@ def parse(data: Any, *, env: Mapping[str, str], origin: str = "") -> Config:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError([f"config: expected a mapping at the top level, got {type(data).__name__}"])
-    data = _interpolate(data, "", env, problems)
+    secrets: set[str] = set()
+    data = _interpolate(data, "", env, problems, secrets)
     _unknown(data, TOP_KEYS, "", problems)
 
     defaults: dict[str, Any] = {}
@@ -301,7 +348,7 @@ def parse(data: Any, *, env: Mapping[str, str], origin: str = "") -> Config:
             name = None
         else:
             names.add(name)
-        target = _dsn(raw, path, env, problems)
+        target = _dsn(raw, path, env, problems, secrets)
         settings = {**SERVER_DEFAULTS, **defaults, **_settings(raw, path, problems)}
         if target is not None:
             dsn, server = target
@@ -314,5 +361,5 @@ def parse(data: Any, *, env: Mapping[str, str], origin: str = "") -> Config:
             if name is not None:
                 servers.append(ServerConfig(name=name, dsn=dsn, **settings))
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(problems, secrets)
     return Config(servers=tuple(servers), const_labels=const_labels, origin=origin)

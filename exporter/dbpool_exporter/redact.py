@@ -6,7 +6,7 @@ import re
 from typing import Any
 
 _PASSWORD_PATTERNS = (
-    re.compile(r"(://[^:/@\s]*:)[^@\s]*@"),  # scheme://user:secret@host
+    re.compile(r"(://[^:/@\s]*:)\S*@"),  # scheme://user:secret@host, up to the last @ (a raw @ in it too)
     re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.I),  # key=value conninfo
     re.compile(r"(password=)[^&\s]*", re.I),  # ?password= in a URL query
 )
