@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 import subprocess
 import time
 from collections import Counter
@@ -254,4 +255,24 @@ def test_http_garbage_and_stalled_clients(tmp_path: Path, pg_dsn: str,
     print(f"a scrape after 20 stalled clients and {len(payloads)} garbage requests: "
           f"{(time.monotonic() - started) * 1000:.1f} ms")
     assert "Traceback" not in d.log(), d.log()[-3000:]
+    assert d.stop()[0] == 0
+
+
+def test_clients_hanging_up_mid_scrape(tmp_path: Path, pg_dsn: str,
+                                       daemons: list[DaemonProcess]) -> None:  # noqa: F811
+    """What Prometheus does at scrape_timeout: close the connection while the answer is on its way."""
+    d = _start(daemons, tmp_path, pg_dsn, max_label_values=5)
+    d.wait_ready()
+    for _ in range(30):
+        s = socket.create_connection(("127.0.0.1", d.port), timeout=5)
+        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with a reset
+        s.close()
+    status, body = d.get("/metrics")
+    assert status == 200 and "dbpool_source_up" in body
+    assert d.proc.poll() is None
+    # A client going away is not the exporter's error: no traceback, no error line per hang-up.
+    log = d.log()
+    assert "Traceback" not in log, log[-3000:]
+    assert "level=error" not in log, log[-3000:]
     assert d.stop()[0] == 0
