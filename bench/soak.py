@@ -199,6 +199,8 @@ def soak(dsn: str, duration: float, sample_every: float, warmup: float, interval
         "rss_max_kib": max(r for _, r in samples) if samples else None,
         "rss_end_kib": samples[-1][1] if samples else None,
         "rss_slope_kib_per_min": round(slope_per_minute(samples), 1),
+        # About ten points spread over the run, so the shape (a climb that levels off, or a steady leak) shows.
+        "rss_trace": [(round(t), r) for t, r in [*samples[:: max(1, len(samples) // 10)], *samples[-1:]]],
         "traceback_in_log": "Traceback" in log_text,
     }
 
@@ -232,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"RSS start {mib(figures['rss_start_kib'])}, max {mib(figures['rss_max_kib'])}, "
           f"end {mib(figures['rss_end_kib'])}, slope {figures['rss_slope_kib_per_min']} KiB/min "
           f"({figures['rss_samples']} samples)")
+    trace = figures["rss_trace"]
+    print("RSS over time: " + ", ".join(f"{t:.0f} s {mib(r)}" for t, r in trace))
     if args.json:
         print(json.dumps(figures))
     ok = figures["alive_at_end"] and figures["scrape_errors"] == 0 and figures["exit_code"] == 0 \
