@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from dbpool_exporter.generated import write_or_check
+
 CONFIG: dict[str, Any] = {
     # Where the runbook lives; each alert links to `<runbook_url>#<alertname in lower case>`.
     "runbook_url": "https://github.com/dbpool-exporter/dbpool-exporter/blob/main/docs/runbook.md",
@@ -300,16 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"alerts/generate.py: {exc}", file=sys.stderr)
         return 2
-    stale = [name for name, text in files.items()
-             if not (args.out / name).exists() or (args.out / name).read_text() != text]
-    if args.check:
-        for name in stale:
-            print(f"{args.out / name} is out of date: run python alerts/generate.py", file=sys.stderr)
-        return 1 if stale else 0
-    for name in stale:
-        (args.out / name).write_text(files[name])
-        print(f"wrote {args.out / name}")
-    return 0
+    return write_or_check(files, args.out, check=args.check, command="python alerts/generate.py")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ if __package__ in (None, ""):  # run as a script: make `dashboards` importable a
 
 from dashboards import overview, server  # noqa: E402
 from dashboards.common import finish, queries  # noqa: E402
+from dbpool_exporter.generated import write_or_check  # noqa: E402
 
 DASHBOARDS = {"dbpool-overview.json": overview, "dbpool-server.json": server}
 
@@ -41,16 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=HERE, help="directory to write (default: dashboards/)")
     args = parser.parse_args(argv)
     files = {name: dump(data) for name, data in render().items()}
-    stale = [name for name, text in files.items()
-             if not (args.out / name).exists() or (args.out / name).read_text() != text]
-    if args.check:
-        for name in stale:
-            print(f"{args.out / name} is out of date: run python dashboards/generate.py", file=sys.stderr)
-        return 1 if stale else 0
-    for name in stale:
-        (args.out / name).write_text(files[name])
-        print(f"wrote {args.out / name}")
-    return 0
+    return write_or_check(files, args.out, check=args.check, command="python dashboards/generate.py")
 
 
 if __name__ == "__main__":
