@@ -90,15 +90,9 @@ def test_server_unreachable_at_start(tmp_path: Path, cluster: PgCluster, daemons
 
 
 def test_wrong_password(tmp_path: Path, cluster: PgCluster, daemons: list[DaemonProcess]) -> None:
-    # scram-sha-256 for the app role over TCP; trust stays for postgres so the test can set things up.
-    with open(os.path.join(cluster.datadir, "pg_hba.conf"), "w") as f:
-        f.write("local all all trust\n"
-                "host all postgres 127.0.0.1/32 trust\n"
-                "host all all 127.0.0.1/32 scram-sha-256\n")
+    cluster.require_passwords()
     cluster.start()
-    with psycopg.connect(cluster.dsn, autocommit=True) as admin:
-        admin.execute("SET password_encryption = 'scram-sha-256'")
-        admin.execute(f"CREATE ROLE app LOGIN PASSWORD '{RIGHT}'")
+    cluster.set_password("app", RIGHT, create=True)
     # The daemon is given the wrong one.
     d = _start(daemons, tmp_path, f"postgresql://app:{quote(WRONG)}@127.0.0.1:{cluster.port}/postgres")
     d.wait_ready()
@@ -106,9 +100,7 @@ def test_wrong_password(tmp_path: Path, cluster: PgCluster, daemons: list[Daemon
     assert _up(d) == 0
     assert "password authentication failed for user" in d.get("/")[1]
     assert "password authentication failed for user" in d.log()
-    with psycopg.connect(cluster.dsn, autocommit=True) as admin:
-        admin.execute("SET password_encryption = 'scram-sha-256'")
-        admin.execute(f"ALTER ROLE app PASSWORD '{WRONG}'")  # now the daemon's password is the right one
+    cluster.set_password("app", WRONG)  # now the daemon's password is the right one
     d.wait_for(lambda: _up(d) == 1, "up once the password matches")
     _assert_logged_per_change(d, recoveries=1)
     _assert_no_secrets(d, RIGHT, WRONG, quote(WRONG))

@@ -7,7 +7,6 @@ a scram password, and no form of it may appear in anything the daemon or ``check
 from __future__ import annotations
 
 import contextlib
-import os
 import subprocess
 import threading
 import time
@@ -38,16 +37,9 @@ def scram_cluster(**settings: str) -> PgCluster:
     """A started throwaway cluster where role ``monitor`` (superuser) must log in over TCP with SECRET."""
     cluster = PgCluster(**settings)
     try:
-        with open(os.path.join(cluster.datadir, "pg_hba.conf"), "w") as f:
-            # postgres keeps trust so the test can set things up and play the other clients.
-            f.write("local all all trust\n"
-                    "host all postgres 127.0.0.1/32 trust\n"
-                    "host all all 127.0.0.1/32 scram-sha-256\n")
+        cluster.require_passwords()
         cluster.start()
-        with psycopg.connect(cluster.dsn, autocommit=True) as admin:
-            admin.execute("SET password_encryption = 'scram-sha-256'")
-            admin.execute(psycopg.sql.SQL("CREATE ROLE {} SUPERUSER LOGIN PASSWORD {}").format(
-                psycopg.sql.Identifier(MONITOR), psycopg.sql.Literal(SECRET)))
+        cluster.set_password(MONITOR, SECRET, create=True, superuser=True)
     except BaseException:
         cluster.destroy()
         raise

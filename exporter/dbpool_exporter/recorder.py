@@ -114,27 +114,10 @@ class Recorder:
         self.peak_gate = value + self.waiting_peak
 
     # --- hot path -------------------------------------------------------------------------
-    # The sources inline these four methods into their hooks (a Python call is a sizeable share
-    # of a checkout: bench/checkout.py); a change here goes there too.
-    def acquire_started(self) -> float:
-        waiting = self.waiting
-        waiting.append(None)
-        inside = len(self.out) + len(waiting)
-        if inside > self.peak_gate:
-            self.raise_waiting_peak(inside)
-        return _now()
-
-    def acquired(self, key: int, started: float) -> None:
-        now = _now()
-        self.waiting.pop()
-        self.waits.append(now - started)
-        out = self.out
-        # A bare start time unless leak detection needs a stack and a reported flag: building a
-        # _Checkout costs about as much as everything else here.
-        out[key] = now if self.leak_threshold is None else _Checkout(now, _capture_stack())
-        if len(out) > self.out_peak:
-            self.out_peak = len(out)
-
+    # The sources' acquire hooks do the bookkeeping inline (a Python call is a sizeable share of a
+    # checkout: bench/checkout.py): on entry append to ``waiting`` and raise the waiting peak past
+    # ``peak_gate``; on success pop ``waiting``, append the wait, store ``out[key]`` (a start time,
+    # or ``checkout(now)`` with leak detection) and raise ``out_peak``. A change here goes there too.
     def acquire_failed(self, started: float, timed_out: bool) -> None:
         self.waiting.pop()
         if timed_out:

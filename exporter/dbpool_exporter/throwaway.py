@@ -58,6 +58,25 @@ class PgCluster:
             cmd = ["runuser", "-u", "postgres", "--", *cmd]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=120)
 
+    def require_passwords(self) -> None:
+        """Before ``start()``: every role but ``postgres`` must log in over TCP with scram-sha-256
+        (``postgres`` keeps trust, so a test can still set things up and play other clients)."""
+        with open(os.path.join(self.datadir, "pg_hba.conf"), "w") as f:
+            f.write("local all all trust\n"
+                    "host all postgres 127.0.0.1/32 trust\n"
+                    "host all all 127.0.0.1/32 scram-sha-256\n")
+
+    def set_password(self, role: str, password: str, *, create: bool = False, superuser: bool = False) -> None:
+        """Create (``create=True``) or alter a login role with a scram-sha-256 password."""
+        import psycopg
+        from psycopg import sql
+
+        verb = "CREATE" if create else "ALTER"
+        with psycopg.connect(self.dsn, autocommit=True) as admin:
+            admin.execute("SET password_encryption = 'scram-sha-256'")
+            admin.execute(sql.SQL(verb + " ROLE {} " + ("SUPERUSER " if superuser else "") + "LOGIN PASSWORD {}")
+                          .format(sql.Identifier(role), sql.Literal(password)))
+
     def start(self) -> PgCluster:
         self._run("pg_ctl", "-D", self.datadir, "-l", self.logfile, "-o", f"-p {self.port}", "-w", "start")
         deadline = time.monotonic() + 30
