@@ -115,8 +115,8 @@ def test_pools_of_two_exporters_overcommit_a_server(serve: Callable[..., str], c
     rc, out, err = _budget(capsys, app_url, worker_url, "--server-max", f"{server}=20")
     assert rc == 1 and err == ""
     app_instance, worker_instance = (u.removeprefix("http://").removesuffix("/metrics") for u in (app_url, worker_url))
-    assert _row(out, app_instance) == [app_instance, "app", "sqlalchemy", server, "18"]
-    assert _row(out, worker_instance) == [worker_instance, "checkpointer", "psycopg", server, "4"]
+    assert _row(out, app_instance) == [app_instance, "-", "app", "sqlalchemy", server, "18"]
+    assert _row(out, worker_instance) == [worker_instance, "-", "checkpointer", "psycopg", server, "4"]
     assert _row(out, server) == [server, "2", "22", "20 (--server-max)", "-2", "OVERCOMMIT"]
 
     # Room enough: exit 0; host:port is accepted as a URL.

@@ -30,6 +30,7 @@ class Pool:
     kind: str
     server: str
     max: float  # math.inf when the pool is unbounded
+    worker: str = ""  # the worker process's PID for multi-process apps
 
 
 @dataclass
@@ -147,14 +148,15 @@ def collect(pages: Iterable[tuple[str, str]]) -> dict[str, Server]:
     capacity: dict[str, dict[str, float]] = {}
     for url, text in pages:
         instance = _instance(url)
-        info: dict[tuple[str, str], str] = {}
-        limits: dict[tuple[str, str], float] = {}
+        # Keyed by worker too: every worker process of a multi-process app has its own copy of each pool.
+        info: dict[tuple[str, str, str], str] = {}
+        limits: dict[tuple[str, str, str], float] = {}
         seen_dbpool = False
         try:
             for family in text_string_to_metric_families(text):
                 for s in family.samples:
                     seen_dbpool = seen_dbpool or s.name.startswith("dbpool_")
-                    key = (s.labels.get("pool", ""), s.labels.get("kind", ""))
+                    key = (s.labels.get("pool", ""), s.labels.get("kind", ""), s.labels.get("worker", ""))
                     if s.name == "dbpool_pool_info":
                         info[key] = s.labels.get("server") or UNKNOWN
                     elif s.name == "dbpool_max_connections":
@@ -168,10 +170,10 @@ def collect(pages: Iterable[tuple[str, str]]) -> dict[str, Server]:
             raise BudgetError(f"{scrub(url)}: not a Prometheus text exposition ({scrub(str(e))[:80]})") from None
         if not seen_dbpool:
             raise BudgetError(f"{scrub(url)}: no dbpool_* metrics there; is it a dbpool-exporter?")
-        for (pool, kind), server in sorted(info.items()):
+        for (pool, kind, worker), server in sorted(info.items()):
             # No dbpool_max_connections for a pool with an info line means the pool is unbounded.
             servers.setdefault(server, Server(server)).pools.append(
-                Pool(instance, pool, kind, server, limits.get((pool, kind), math.inf)))
+                Pool(instance, pool, kind, server, limits.get((pool, kind, worker), math.inf), worker))
     for name, seen in capacity.items():
         server = servers.setdefault(name, Server(name))
         if "dbpool_server_usable_connections" in seen:
@@ -200,9 +202,9 @@ def _table(header: list[str], rows: list[list[str]], right: set[int]) -> list[st
 
 def render(servers: dict[str, Server]) -> str:
     pools = sorted((p for s in servers.values() for p in s.pools),
-                   key=lambda p: (p.server, p.instance, p.pool, p.kind))
-    lines = _table(["INSTANCE", "POOL", "KIND", "SERVER", "MAX"],
-                   [[p.instance, p.pool, p.kind, p.server, _n(p.max)] for p in pools], {4})
+                   key=lambda p: (p.server, p.instance, p.pool, p.kind, p.worker))
+    lines = _table(["INSTANCE", "WORKER", "POOL", "KIND", "SERVER", "MAX"],
+                   [[p.instance, p.worker or "-", p.pool, p.kind, p.server, _n(p.max)] for p in pools], {5})
     lines.append("")
     rows = []
     for s in sorted(servers.values(), key=lambda s: s.name):

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import importlib
 import importlib.util
 import logging
+import os
 import sys
 from typing import Any, NoReturn, Sequence
 
@@ -53,7 +55,10 @@ def _run(args: argparse.Namespace) -> int:
         return 2
 
     def loader() -> Config:
-        return load_file(path) if path else from_environment()
+        if not path and args.workers_dir and not _dsn_in_environment():
+            return Config(servers=(), workers_dir=args.workers_dir, origin="--workers.dir")
+        config = load_file(path) if path else from_environment()
+        return dataclasses.replace(config, workers_dir=args.workers_dir) if args.workers_dir else config
 
     try:
         config = loader()
@@ -77,6 +82,10 @@ def _run(args: argparse.Namespace) -> int:
         return asyncio.run(daemon.run())
     except KeyboardInterrupt:  # Ctrl-C before the loop's own handler was installed
         return 130
+
+
+def _dsn_in_environment() -> bool:
+    return bool(os.environ.get("DATA_SOURCE_NAME") or os.environ.get("DATA_SOURCE_NAME_FILE"))
 
 
 def _check_config(args: argparse.Namespace) -> int:
@@ -119,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = subparsers.add_parser("run", help="run the exporter daemon")
     run.add_argument("--config.file", dest="config_file", metavar="FILE",
                      help="YAML config; without it one server comes from DATA_SOURCE_NAME or DATA_SOURCE_NAME_FILE")
+    run.add_argument("--workers.dir", dest="workers_dir", metavar="DIR",
+                     help="serve the pools that an app's worker processes publish to DIR (sidecar); "
+                          "overrides workers_dir in the config")
     run.add_argument("--web.listen-address", dest="web_listen_address", default=":9188", metavar="ADDR",
                      help="host:port to serve on; ':9188' is every interface (default %(default)s)")
     run.add_argument("--web.telemetry-path", dest="web_telemetry_path", default="/metrics", metavar="PATH",

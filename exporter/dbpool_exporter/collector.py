@@ -10,6 +10,7 @@ from prometheus_client.registry import Collector
 
 from .families import Families
 from .poller import Poller
+from .workers import Publisher, collect
 
 
 class DbpoolCollector(Collector):
@@ -17,6 +18,8 @@ class DbpoolCollector(Collector):
 
     def __init__(self, poller: Poller) -> None:
         self._poller = poller
+        # Set while this process is one of several workers sharing a directory.
+        self.publisher: Publisher | None = None
 
     def describe(self) -> list[Metric]:
         # Metric names depend on what is registered; an empty describe() makes the registry
@@ -24,6 +27,13 @@ class DbpoolCollector(Collector):
         return []
 
     def collect(self) -> Iterator[Metric]:
+        publisher = self.publisher
+        if publisher is None:
+            return iter(self.own())
+        return iter(collect(publisher.directory, self.own(), publisher))
+
+    def own(self) -> Families:
+        """This process's sources only: what a worker publishes."""
         out = Families()
         now = time.monotonic()
         for name, state in list(self._poller.states.items()):
@@ -39,4 +49,4 @@ class DbpoolCollector(Collector):
             out.counter("dbpool_source_errors", "Polls of the source that failed.", labels, state.errors)
             if state.fresh(now):
                 state.snapshot.emit(name, out)  # type: ignore[union-attr]
-        return iter(out)
+        return out

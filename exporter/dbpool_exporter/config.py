@@ -22,10 +22,10 @@ SERVER_DEFAULTS: dict[str, Any] = {
     "backoff_max": 30.0,
 }
 DSN_KEYS = ("dsn", "dsn_env", "dsn_file")
-TOP_KEYS = ("servers", "defaults", "const_labels")
+TOP_KEYS = ("servers", "defaults", "const_labels", "workers_dir")
 # Labels the exporter itself sets; a const label with one of these names would clash.
 RESERVED_LABELS = frozenset({"source", "kind", "server", "database", "user", "application_name", "state", "label",
-                             "pool", "pool_class", "version", "le", "quantile"})
+                             "pool", "pool_class", "version", "le", "quantile", "worker"})
 _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 _ENV_REF = re.compile(r"\$(?:\$|\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\})")
 MAX_DURATION = 86400.0  # a day: longer is a typo, and larger values overflow the scheduler
@@ -81,10 +81,12 @@ class Config:
     servers: tuple[ServerConfig, ...]
     const_labels: Mapping[str, str] = field(default_factory=dict)
     origin: str = ""  # the file, or the environment variable, it came from
+    workers_dir: str = ""  # where an app's worker processes publish their pools (sidecar mode)
 
     def summary(self) -> str:
         names = ", ".join(s.name for s in self.servers)
-        return f"{len(self.servers)} server(s) ({names}), {len(self.const_labels)} const label(s)"
+        workers = f", workers from {self.workers_dir}" if self.workers_dir else ""
+        return f"{len(self.servers)} server(s) ({names}), {len(self.const_labels)} const label(s){workers}"
 
 
 # --- reading --------------------------------------------------------------------------------------
@@ -320,16 +322,22 @@ def parse(data: Any, *, env: Mapping[str, str], origin: str = "") -> Config:
             else:
                 const_labels[key] = str(value).lower() if isinstance(value, bool) else str(value)
 
+    workers_dir = data.get("workers_dir", "")
+    if not isinstance(workers_dir, str) or ("workers_dir" in data and not workers_dir.strip()):
+        problems.append("workers_dir: expected the path of a directory")
+        workers_dir = ""
+
     servers: list[ServerConfig] = []
     raw_servers = data.get("servers")
     if raw_servers is None:
-        problems.append("servers: required: a list of servers to watch")
+        if not workers_dir:
+            problems.append("servers: required: a list of servers to watch (or workers_dir)")
         raw_servers = []
     elif not isinstance(raw_servers, list):
         problems.append(f"servers: expected a list, got {type(raw_servers).__name__}")
         raw_servers = []
-    elif not raw_servers:
-        problems.append("servers: at least one server is required")
+    elif not raw_servers and not workers_dir:
+        problems.append("servers: at least one server is required (or workers_dir)")
     names: set[str] = set()
     # pg_stat_activity is server-wide: two entries for one host:port would serve every server series twice.
     seen_servers: dict[str, str] = {}
@@ -362,4 +370,4 @@ def parse(data: Any, *, env: Mapping[str, str], origin: str = "") -> Config:
                 servers.append(ServerConfig(name=name, dsn=dsn, **settings))
     if problems:
         raise ConfigError(problems, secrets)
-    return Config(servers=tuple(servers), const_labels=const_labels, origin=origin)
+    return Config(servers=tuple(servers), const_labels=const_labels, origin=origin, workers_dir=workers_dir)

@@ -7,12 +7,13 @@ import contextlib
 import logging
 import signal
 import time
+from pathlib import Path
 from typing import Callable, Iterator
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
 
-from . import __version__, logs
+from . import __version__, logs, workers
 from .config import Config, ConfigError, ServerConfig
 from .exporter import Exporter
 from .families import Families
@@ -46,7 +47,9 @@ class _Served:
         own.gauge("dbpool_exporter_config_last_reload_success_timestamp_seconds",
                   "Unix time of the last successful config (re)load.", {}, d.reload_success_at)
         labels = dict(d.config.const_labels)
-        for family in [*d.exporter.registry.collect(), *own]:
+        # The sidecar: pools that the app's worker processes publish, each labelled with its worker.
+        shared = workers.collect(Path(d.config.workers_dir)) if d.config.workers_dir else []
+        for family in [*d.exporter.registry.collect(), *shared, *own]:
             if labels:
                 # Const labels go last so they can never overwrite one the exporter set (config forbids clashes).
                 family.samples = [s._replace(labels={**s.labels, **labels}) for s in family.samples]

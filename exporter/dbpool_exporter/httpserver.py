@@ -62,6 +62,7 @@ class RunningServer:
         self._server = server
         self._thread = thread
         self.port: int = server.server_address[1]
+        self.bind_host = host
         scheme = "https" if server.ssl_context is not None else "http"
         self.url = f"{scheme}://{_url_host(host, server.address_family)}:{self.port}"
 
@@ -76,6 +77,10 @@ class RunningServer:
         if tls_now != tls_new:
             raise ValueError("a running server cannot switch between HTTP and HTTPS; restart it")
         self._server.configure(web_config)
+
+    def forget(self) -> None:
+        """In a forked child: close this copy of the listening socket; the serving thread stayed in the parent."""
+        self._server.socket.close()
 
     def shutdown(self) -> None:
         """Stop accepting, join the serving thread, close the listening socket."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import threading
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable
 
+from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.schedulers.base import BaseScheduler
@@ -55,6 +57,8 @@ class Poller:
         self._scheduler: BaseScheduler | None = None
         self._private_loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
+        # Housekeeping jobs beside the sources (publishing to other workers, retrying a port).
+        self._chores: dict[str, tuple[float, Callable[[], None]]] = {}
 
     # --- sources ----------------------------------------------------------------------------
     def add(self, source: Source) -> SourceState:
@@ -72,6 +76,17 @@ class Poller:
         if self._scheduler is not None and self._scheduler.get_job(name) is not None:
             self._scheduler.remove_job(name)
         return state.source
+
+    def every(self, job_id: str, seconds: float, func: Callable[[], None]) -> None:
+        """Run ``func`` (sync, quick) every ``seconds`` while polling runs; replaces a job of that id."""
+        self._chores[job_id] = (seconds, func)
+        if self._scheduler is not None:
+            self._schedule_chore(job_id)
+
+    def cancel(self, job_id: str) -> None:
+        if self._chores.pop(job_id, None) is not None and self._scheduler is not None:
+            with contextlib.suppress(JobLookupError):
+                self._scheduler.remove_job(job_id)
 
     # --- running ----------------------------------------------------------------------------
     @property
@@ -94,6 +109,18 @@ class Poller:
         self._scheduler.start()
         for state in list(self.states.values()):
             self._schedule(state)
+        for job_id in list(self._chores):
+            self._schedule_chore(job_id)
+
+    def after_fork(self) -> bool:
+        """In a forked child: the parent's scheduler thread and loop thread did not come along.
+
+        Returns whether polling ran in a thread, so the caller can start it again in the child.
+        """
+        threaded = isinstance(self._scheduler, BackgroundScheduler)
+        self._scheduler, self._private_loop = None, None
+        self._lock = threading.Lock()  # the parent's may have been held by a thread that is gone
+        return threaded
 
     def shutdown(self) -> None:
         scheduler, self._scheduler = self._scheduler, None
@@ -118,6 +145,19 @@ class Poller:
                 self.poll_sync(state)
         self._scheduler.add_job(func, "interval", seconds=state.source.interval, id=state.source.name,
                                 name=state.source.name, next_run_time=datetime.now(timezone.utc))
+
+    def _schedule_chore(self, job_id: str) -> None:
+        assert self._scheduler is not None
+        seconds, func = self._chores[job_id]
+
+        def chore() -> None:
+            try:
+                func()
+            except Exception as e:  # housekeeping must never take polling down
+                log.warning("%s failed: %s", job_id, scrub(f"{type(e).__name__}: {e}"))
+
+        self._scheduler.add_job(chore, "interval", seconds=seconds, id=job_id, name=job_id,
+                                replace_existing=True, next_run_time=datetime.now(timezone.utc))
 
     # --- one poll -------------------------------------------------------------------------
     def poll_sync(self, state: SourceState) -> None:

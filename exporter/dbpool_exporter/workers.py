@@ -1,0 +1,292 @@
+"""Several worker processes, one endpoint: each worker publishes its families to a shared directory.
+
+Why files: every way a worker can end (exit, crash, SIGKILL, an OOM kill) must make its pools vanish, and
+whichever process answers a scrape must see every live worker without talking to the others. Each worker
+holds an ``flock`` on its own ``<id>.lock`` for as long as it lives (the kernel drops it however the process
+dies, also across containers that share the volume, where PIDs are not comparable) and atomically replaces
+its ``<id>.json`` once per poll interval. A reader lists the JSON files, skips a worker whose lock it can
+take (dead: its files are removed) or whose file is older than a few intervals (alive but stalled), and
+adds ``worker="<pid>"`` to every sample. JSON, not pickle: a shared directory must never execute code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import secrets
+import socket
+import stat
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from prometheus_client.core import Metric
+from prometheus_client.samples import Sample
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; liveness falls back to the file's age alone
+    fcntl = None  # type: ignore[assignment]
+
+log = logging.getLogger("dbpool_exporter.workers")
+
+ENV_DIR = "DBPOOL_EXPORTER_MULTIPROC_DIR"
+WORKER_LABEL = "worker"
+FORMAT = 1
+# A worker's file is served while younger than this many publish intervals (plus a second): a worker
+# whose loop is stuck stops publishing and its pools stop being served, as a stale snapshot does.
+STALE_INTERVALS = 3
+# A published document is a few kilobytes per pool; anything far larger is not ours.
+MAX_FILE_BYTES = 8 << 20
+
+
+class SharedDirError(Exception):
+    """The shared directory cannot be used safely (not ours, not a directory, not writable)."""
+
+
+def is_managed_worker() -> bool:
+    """True in a worker of a process manager: gunicorn's fork, or uvicorn/hypercorn's spawned children."""
+    import multiprocessing
+
+    return "gunicorn.arbiter" in sys.modules or multiprocessing.parent_process() is not None
+
+
+def default_dir() -> Path | None:
+    """Where workers meet when the user named no directory, or ``None`` for a lone process.
+
+    A gunicorn/uvicorn master and its workers share a process group (a master with ``--preload`` too,
+    unlike its PID), and two services started apart do not.
+    """
+    if not is_managed_worker() or not hasattr(os, "getpgid"):
+        return None
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    return Path(tempfile.gettempdir()) / f"dbpool-exporter-{uid}" / f"pgid-{os.getpgid(0)}"
+
+
+def prepare_dir(path: Path, *, private: bool) -> Path:
+    """Create ``path`` if needed and check it is a real directory we may use; else ``SharedDirError``.
+
+    ``private`` (the default directories under /tmp): owned by us and not writable by others, so another
+    local user cannot plant workers in our output.
+    """
+    try:
+        if private:
+            path.parent.mkdir(mode=0o700, exist_ok=True)
+            _check_private(path.parent)
+        path.mkdir(mode=0o700 if private else 0o777, parents=not private, exist_ok=True)
+        info = path.lstat()
+    except SharedDirError:
+        raise
+    except OSError as e:
+        raise SharedDirError(f"workers directory {path}: {e.strerror or e}") from None
+    if not stat.S_ISDIR(info.st_mode):
+        raise SharedDirError(f"workers directory {path}: not a directory")
+    if private:
+        _check_private(path)
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise SharedDirError(f"workers directory {path}: not writable")
+    return path
+
+
+def _check_private(path: Path) -> None:
+    info = path.lstat()
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+        raise SharedDirError(f"workers directory {path}: not a directory (a link?)")
+    if hasattr(os, "getuid") and (info.st_uid != os.getuid() or info.st_mode & 0o022):
+        raise SharedDirError(f"workers directory {path}: owned by another user or writable by others")
+
+
+class Publisher:
+    """This process's entry in the shared directory: a held lock and a file replaced on each publish."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.pid = os.getpid()
+        # The PID alone could repeat (PID reuse, two containers sharing the volume); the token cannot.
+        self.id = f"{self.pid}-{secrets.token_hex(4)}"
+        self._lock_fd: int | None = None
+        self._hold_lock()
+
+    @property
+    def path(self) -> Path:
+        return self.directory / f"{self.id}.json"
+
+    def _hold_lock(self) -> None:
+        if fcntl is None:
+            return
+        # Readable by all: a sidecar running as another user tests the lock through a read-only descriptor.
+        fd = os.open(self.directory / f"{self.id}.lock", os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self._lock_fd = fd
+
+    def publish(self, families: Iterable[Metric], *, ttl: float, serving: str = "") -> None:
+        """Atomically replace this worker's file with ``families`` (``ttl``: seconds it stays current)."""
+        doc = {"format": FORMAT, "pid": self.pid, "host": socket.gethostname(), "at": time.time(), "ttl": ttl,
+               "serving": serving,
+               "families": [[f.name, f.documentation, f.type, [[s.name, s.labels, s.value] for s in f.samples]]
+                            for f in families]}
+        tmp = self.directory / f".{self.id}.tmp"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(doc, fh, separators=(",", ":"))
+        os.replace(tmp, self.path)
+
+    def close(self) -> None:
+        """Remove this worker's files (a clean exit vanishes at once, not after the next read)."""
+        for path in (self.path, self.directory / f"{self.id}.lock"):
+            with contextlib.suppress(OSError):
+                path.unlink()
+        self.forget()
+
+    def forget(self) -> None:
+        """Drop the lock without touching files: after a fork the child's copy must not keep the parent alive."""
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerDoc:
+    """One live worker's latest publication; ``current`` is false once it is older than its ttl."""
+
+    id: str
+    pid: int
+    at: float
+    serving: str
+    current: bool
+    families: list[list[Any]]
+
+
+def read_workers(directory: Path, *, exclude: str = "", now: float | None = None) -> list[WorkerDoc]:
+    """Every live worker's document; files of dead workers are removed on the way."""
+    now = time.time() if now is None else now
+    out = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return out
+    for name in sorted(names):
+        if not name.endswith(".json") or name.startswith("."):
+            continue
+        wid = name[:-5]
+        if wid == exclude:
+            continue
+        if _dead(directory, wid):
+            continue
+        doc = _load(directory / name)
+        if doc is None:
+            continue
+        out.append(WorkerDoc(wid, doc["pid"], doc["at"], doc["serving"], now - doc["at"] <= doc["ttl"],
+                             doc["families"]))
+    return out
+
+
+def _dead(directory: Path, wid: str) -> bool:
+    """Take the worker's lock if we can: then nobody holds it, the worker is gone, and so are its files."""
+    if fcntl is None:
+        return False
+    lock = directory / f"{wid}.lock"
+    try:
+        fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        # A lock-less file: its writer has exited (close() removes the lock last) or crashed mid-start.
+        with contextlib.suppress(OSError):
+            (directory / f"{wid}.json").unlink()
+        return True
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False  # held (EWOULDBLOCK): alive; any other error: assume alive, the ttl still applies
+    else:
+        for path in (directory / f"{wid}.json", lock):
+            with contextlib.suppress(OSError):
+                path.unlink()
+        return True
+    finally:
+        os.close(fd)
+
+
+def _load(path: Path) -> dict[str, Any] | None:
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_FILE_BYTES + 1)
+        if len(raw) > MAX_FILE_BYTES:
+            raise ValueError("file too large")
+        doc = json.loads(raw)
+        if doc.get("format") != FORMAT:
+            raise ValueError(f"format {doc.get('format')!r}")
+        doc["pid"], doc["at"], doc["ttl"] = int(doc["pid"]), float(doc["at"]), float(doc["ttl"])
+        doc["serving"] = str(doc.get("serving") or "")
+        if not isinstance(doc["families"], list):
+            raise ValueError("no families")
+        return doc
+    except FileNotFoundError:
+        return None  # removed between listdir and open: the worker exited
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        log.debug("skipping unreadable worker file %s: %s", path.name, e)
+        return None
+
+
+class Merged:
+    """Families by name across workers, each sample labelled with its worker."""
+
+    def __init__(self) -> None:
+        self._families: dict[str, Metric] = {}
+
+    def add(self, families: Iterable[Metric], worker: str) -> None:
+        for f in families:
+            self.add_samples(f.name, f.documentation, f.type, [(s.name, s.labels, s.value) for s in f.samples],
+                             worker)
+
+    def add_samples(self, name: str, doc: str, typ: str, samples: Iterable[Any], worker: str) -> None:
+        family = self._families.get(name)
+        if family is None:
+            family = self._families[name] = Metric(name, doc, typ)
+        elif family.type != typ:
+            return  # a worker running another version with a changed type: keep the first
+        append = family.samples.append
+        for sample_name, labels, value in samples:
+            append(Sample(sample_name, {**labels, WORKER_LABEL: worker}, float(value)))
+
+    def add_docs(self, docs: Iterable[WorkerDoc]) -> None:
+        """Add current workers' families; a stalled worker's pools are not served, as a stale snapshot is not."""
+        for doc in docs:
+            if not doc.current:
+                continue
+            worker = str(doc.pid)
+            for name, help_text, typ, samples in doc.families:
+                try:
+                    self.add_samples(str(name), str(help_text), str(typ), samples, worker)
+                except (TypeError, ValueError):
+                    continue  # one malformed family never empties the scrape
+
+    def families(self) -> list[Metric]:
+        return list(self._families.values())
+
+
+def worker_families(docs: Iterable[WorkerDoc], own_pid: int | None = None) -> list[Metric]:
+    """The readers' own view of the workers: one ``dbpool_worker_up`` per live worker."""
+    up = Metric("dbpool_worker_up", "1 per live worker process publishing its pools; 0 while it is alive "
+                "but has not published for a few intervals (a blocked event loop, a hung process).", "gauge")
+    if own_pid is not None:
+        up.samples.append(Sample("dbpool_worker_up", {WORKER_LABEL: str(own_pid)}, 1.0))
+    for doc in docs:
+        up.samples.append(Sample("dbpool_worker_up", {WORKER_LABEL: str(doc.pid)}, 1.0 if doc.current else 0.0))
+    return [up]
+
+
+def collect(directory: Path, own: Iterable[Metric] = (), publisher: Publisher | None = None) -> list[Metric]:
+    """What one endpoint serves for a shared directory: its own families and every live worker's."""
+    docs = read_workers(directory, exclude=publisher.id if publisher else "")
+    merged = Merged()
+    if publisher is not None:
+        merged.add(own, str(publisher.pid))
+    merged.add_docs(docs)
+    return merged.families() + worker_families(docs, publisher.pid if publisher else None)
