@@ -6,11 +6,13 @@ import time
 from typing import Iterator
 
 from prometheus_client.core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
+from .exposition import Exposition, render
 from .families import Families
 from .poller import Poller
-from .workers import Publisher, collect
+from .workers import Publisher, add_workers
 
 
 class DbpoolCollector(Collector):
@@ -27,10 +29,20 @@ class DbpoolCollector(Collector):
         return []
 
     def collect(self) -> Iterator[Metric]:
+        text = self.text()
+        if text is None:
+            return iter(self.own())
+        # Every worker, for a registry shared with other collectors; the exporter's own endpoints serve text().
+        return text_string_to_metric_families(text)
+
+    def text(self) -> str | None:
+        """Every live worker's pools as exposition text, or ``None`` when this process runs alone."""
         publisher = self.publisher
         if publisher is None:
-            return iter(self.own())
-        return iter(collect(publisher.directory, self.own(), publisher))
+            return None
+        out = Exposition()
+        add_workers(out, publisher.directory, own=render(self.own()), publisher=publisher)
+        return out.text()
 
     def own(self) -> Families:
         """This process's sources only: what a worker publishes."""

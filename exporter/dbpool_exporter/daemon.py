@@ -16,6 +16,7 @@ from prometheus_client.core import Metric
 from . import __version__, logs, workers
 from .config import Config, ConfigError, ServerConfig
 from .exporter import Exporter
+from .exposition import Exposition, labels_text, render
 from .families import Families
 from .sources.postgres import connect_params
 from .web import SourceRow, WebServer
@@ -37,6 +38,15 @@ class _Served:
         return []
 
     def collect(self) -> Iterator[Metric]:
+        labels = dict(self.daemon.config.const_labels)
+        for family in self.collect_plain():
+            if labels:
+                # Const labels go last so they can never overwrite one the exporter set (config forbids clashes).
+                family.samples = [s._replace(labels={**s.labels, **labels}) for s in family.samples]
+            yield family
+
+    def collect_plain(self) -> Iterator[Metric]:
+        """Without const labels: the sources' families and the daemon's own."""
         d = self.daemon
         own = Families()
         own.gauge("dbpool_exporter_build_info", "Always 1; the exporter's version as a label.",
@@ -46,14 +56,19 @@ class _Served:
                   1.0 if d.reload_ok else 0.0)
         own.gauge("dbpool_exporter_config_last_reload_success_timestamp_seconds",
                   "Unix time of the last successful config (re)load.", {}, d.reload_success_at)
-        labels = dict(d.config.const_labels)
-        # The sidecar: pools that the app's worker processes publish, each labelled with its worker.
-        shared = workers.collect(Path(d.config.workers_dir)) if d.config.workers_dir else []
-        for family in [*d.exporter.registry.collect(), *shared, *own]:
-            if labels:
-                # Const labels go last so they can never overwrite one the exporter set (config forbids clashes).
-                family.samples = [s._replace(labels={**s.labels, **labels}) for s in family.samples]
-            yield family
+        yield from d.exporter.registry.collect()
+        yield from own
+
+    def text(self) -> str | None:
+        """With a workers directory (the sidecar), everything plus the pools the app's workers publish."""
+        config = self.daemon.config
+        if not config.workers_dir:
+            return None  # prometheus_client's own app: content negotiation, gzip
+        out = Exposition()
+        labels = dict(config.const_labels)
+        out.add(render(list(self.collect_plain())), labels_text(labels))
+        workers.add_workers(out, Path(config.workers_dir), labels=labels)
+        return out.text()
 
 
 def _secrets(config: Config) -> list[str]:
@@ -76,7 +91,8 @@ class Daemon:
         self.loader = loader
         self.exporter = Exporter()
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_Served(self))  # type: ignore[arg-type]
+        served = _Served(self)
+        self.registry.register(served)  # type: ignore[arg-type]
         self.reload_ok = True
         self.reload_success_at = time.time()
         self.ready = False
@@ -85,7 +101,8 @@ class Daemon:
         # Bound here, before the loop starts, so a taken port is a one-line startup error.
         self.web_config_loader = web_config_loader or (lambda: None)
         self.web = WebServer(listen_address, telemetry_path, self.registry, sources=self.rows,
-                             ready=lambda: self.ready, version=__version__, web_config=self.web_config_loader())
+                             ready=lambda: self.ready, version=__version__, web_config=self.web_config_loader(),
+                             text=served.text)
         self._stop: asyncio.Event | None = None
         self._reload_lock: asyncio.Lock | None = None
 

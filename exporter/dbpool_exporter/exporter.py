@@ -11,7 +11,7 @@ from typing import Any, Callable, Sequence
 
 from prometheus_client import CollectorRegistry, make_asgi_app, make_wsgi_app
 
-from . import workers
+from . import exposition, workers
 from .collector import DbpoolCollector
 from .httpserver import RunningServer, serve_wsgi
 from .poller import Poller
@@ -37,6 +37,7 @@ class Exporter:
                  multiprocess_dir: str | os.PathLike[str] | None = None) -> None:
         """``multiprocess_dir`` (else ``$DBPOOL_EXPORTER_MULTIPROC_DIR``): where several worker processes
         meet, so each one's endpoint serves them all; see README, "Several worker processes"."""
+        self._own_registry = registry is None
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         self.poller = Poller()
         self.collector = DbpoolCollector(self.poller)
@@ -157,7 +158,7 @@ class Exporter:
         if publisher is None or publisher.pid != os.getpid():
             return
         serving = f"{self._http.url}" if self._http is not None else ""
-        publisher.publish(self.collector.own(),
+        publisher.publish(exposition.render(self.collector.own()),
                           ttl=workers.STALE_INTERVALS * PUBLISH_INTERVAL + 1, serving=serving)
 
     def _take_over(self) -> None:
@@ -201,11 +202,15 @@ class Exporter:
 
     def asgi_app(self) -> Callable[..., Any]:
         """An ASGI app serving this exporter's registry, to mount e.g. at ``/metrics``."""
-        return make_asgi_app(self.registry)
+        return exposition.asgi_app(self._text, make_asgi_app(self.registry))
 
     def wsgi_app(self) -> Callable[..., Any]:
         """A WSGI app serving this exporter's registry."""
-        return make_wsgi_app(self.registry)
+        return exposition.wsgi_app(self._text, make_wsgi_app(self.registry))
+
+    def _text(self) -> str | None:
+        # Several workers: the pre-rendered fast path, unless the registry holds other collectors too.
+        return self.collector.text() if self._own_registry else None
 
     def poll_now(self) -> None:
         """Poll every source once, synchronously (sync sources only); handy in tests and scripts."""

@@ -10,6 +10,7 @@ from typing import Any, Callable, Iterable
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
 
+from .exposition import wsgi_app
 from .httpserver import RunningServer, parse_listen_address, serve_wsgi
 from .webconfig import WebConfig
 
@@ -37,10 +38,10 @@ class WebServer:
 
     def __init__(self, address: str, telemetry_path: str, registry: CollectorRegistry, *,
                  sources: Callable[[], list[SourceRow]], ready: Callable[[], bool], version: str,
-                 web_config: WebConfig | None = None) -> None:
+                 web_config: WebConfig | None = None, text: Callable[[], str | None] | None = None) -> None:
         host, port = parse_listen_address(address)
         self.telemetry_path = telemetry_path
-        app = make_app(telemetry_path, registry, sources, ready, version)
+        app = make_app(telemetry_path, registry, sources, ready, version, text)
         self.running: RunningServer = serve_wsgi(app, host, port, web_config)
         self._host = host
 
@@ -56,9 +57,15 @@ class WebServer:
 
 
 def make_app(telemetry_path: str, registry: CollectorRegistry, sources: Callable[[], list[SourceRow]],
-             ready: Callable[[], bool], version: str) -> Callable[..., Iterable[bytes]]:
-    """Route by path; prometheus_client's WSGI app does content negotiation and gzip for metrics."""
+             ready: Callable[[], bool], version: str,
+             text: Callable[[], str | None] | None = None) -> Callable[..., Iterable[bytes]]:
+    """Route by path; prometheus_client's WSGI app does content negotiation and gzip for metrics.
+
+    ``text`` (the sidecar's workers) serves pre-rendered exposition text instead when it returns a string.
+    """
     metrics = make_wsgi_app(registry)
+    if text is not None:
+        metrics = wsgi_app(text, metrics)
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")

@@ -28,6 +28,8 @@ from typing import Any, Iterable
 from prometheus_client.core import Metric
 from prometheus_client.samples import Sample
 
+from .exposition import Exposition, Rendered, labels_text, render
+
 try:
     import fcntl
 except ImportError:  # Windows: no flock; liveness falls back to the file's age alone
@@ -37,7 +39,7 @@ log = logging.getLogger("dbpool_exporter.workers")
 
 ENV_DIR = "DBPOOL_EXPORTER_MULTIPROC_DIR"
 WORKER_LABEL = "worker"
-FORMAT = 1
+FORMAT = 2
 # A worker's file is served while younger than this many publish intervals (plus a second): a worker
 # whose loop is stuck stops publishing and its pools stop being served, as a stale snapshot does.
 STALE_INTERVALS = 3
@@ -124,12 +126,10 @@ class Publisher:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         self._lock_fd = fd
 
-    def publish(self, families: Iterable[Metric], *, ttl: float, serving: str = "") -> None:
+    def publish(self, families: list[Rendered], *, ttl: float, serving: str = "") -> None:
         """Atomically replace this worker's file with ``families`` (``ttl``: seconds it stays current)."""
         doc = {"format": FORMAT, "pid": self.pid, "host": socket.gethostname(), "at": time.time(), "ttl": ttl,
-               "serving": serving,
-               "families": [[f.name, f.documentation, f.type, [[s.name, s.labels, s.value] for s in f.samples]]
-                            for f in families]}
+               "serving": serving, "families": families}
         tmp = self.directory / f".{self.id}.tmp"
         with open(tmp, "w", encoding="utf-8") as fh:
             json.dump(doc, fh, separators=(",", ":"))
@@ -159,7 +159,7 @@ class WorkerDoc:
     at: float
     serving: str
     current: bool
-    families: list[list[Any]]
+    families: list[Rendered]
 
 
 def read_workers(directory: Path, *, exclude: str = "", now: float | None = None) -> list[WorkerDoc]:
@@ -224,8 +224,10 @@ def _load(path: Path) -> dict[str, Any] | None:
             raise ValueError(f"format {doc.get('format')!r}")
         doc["pid"], doc["at"], doc["ttl"] = int(doc["pid"]), float(doc["at"]), float(doc["ttl"])
         doc["serving"] = str(doc.get("serving") or "")
-        if not isinstance(doc["families"], list):
-            raise ValueError("no families")
+        families = doc["families"]
+        if not isinstance(families, list) or not all(
+                isinstance(f, list) and len(f) == 4 and all(isinstance(x, str) for x in f) for f in families):
+            raise ValueError("families are not [name, type, help, text] lists")
         return doc
     except FileNotFoundError:
         return None  # removed between listdir and open: the worker exited
@@ -234,59 +236,28 @@ def _load(path: Path) -> dict[str, Any] | None:
         return None
 
 
-class Merged:
-    """Families by name across workers, each sample labelled with its worker."""
-
-    def __init__(self) -> None:
-        self._families: dict[str, Metric] = {}
-
-    def add(self, families: Iterable[Metric], worker: str) -> None:
-        for f in families:
-            self.add_samples(f.name, f.documentation, f.type, [(s.name, s.labels, s.value) for s in f.samples],
-                             worker)
-
-    def add_samples(self, name: str, doc: str, typ: str, samples: Iterable[Any], worker: str) -> None:
-        family = self._families.get(name)
-        if family is None:
-            family = self._families[name] = Metric(name, doc, typ)
-        elif family.type != typ:
-            return  # a worker running another version with a changed type: keep the first
-        append = family.samples.append
-        for sample_name, labels, value in samples:
-            append(Sample(sample_name, {**labels, WORKER_LABEL: worker}, float(value)))
-
-    def add_docs(self, docs: Iterable[WorkerDoc]) -> None:
-        """Add current workers' families; a stalled worker's pools are not served, as a stale snapshot is not."""
-        for doc in docs:
-            if not doc.current:
-                continue
-            worker = str(doc.pid)
-            for name, help_text, typ, samples in doc.families:
-                try:
-                    self.add_samples(str(name), str(help_text), str(typ), samples, worker)
-                except (TypeError, ValueError):
-                    continue  # one malformed family never empties the scrape
-
-    def families(self) -> list[Metric]:
-        return list(self._families.values())
-
-
-def worker_families(docs: Iterable[WorkerDoc], own_pid: int | None = None) -> list[Metric]:
-    """The readers' own view of the workers: one ``dbpool_worker_up`` per live worker."""
+def worker_up(docs: Iterable[WorkerDoc], own_pid: int | None = None) -> Metric:
+    """One ``dbpool_worker_up`` sample per live worker, so a stalled one shows as 0 rather than vanishing."""
     up = Metric("dbpool_worker_up", "1 per live worker process publishing its pools; 0 while it is alive "
                 "but has not published for a few intervals (a blocked event loop, a hung process).", "gauge")
     if own_pid is not None:
         up.samples.append(Sample("dbpool_worker_up", {WORKER_LABEL: str(own_pid)}, 1.0))
     for doc in docs:
         up.samples.append(Sample("dbpool_worker_up", {WORKER_LABEL: str(doc.pid)}, 1.0 if doc.current else 0.0))
-    return [up]
+    return up
 
 
-def collect(directory: Path, own: Iterable[Metric] = (), publisher: Publisher | None = None) -> list[Metric]:
-    """What one endpoint serves for a shared directory: its own families and every live worker's."""
+def add_workers(out: Exposition, directory: Path, *, own: list[Rendered] | None = None,
+                publisher: Publisher | None = None, labels: dict[str, str] | None = None) -> None:
+    """Add every live worker's pools to ``out``: this process's own (``own``) and the published ones.
+
+    A stalled worker's pools are not served, as a stale snapshot is not; ``labels`` (const labels) go on all.
+    """
+    labels = labels or {}
     docs = read_workers(directory, exclude=publisher.id if publisher else "")
-    merged = Merged()
-    if publisher is not None:
-        merged.add(own, str(publisher.pid))
-    merged.add_docs(docs)
-    return merged.families() + worker_families(docs, publisher.pid if publisher else None)
+    if publisher is not None and own is not None:
+        out.add(own, labels_text({WORKER_LABEL: str(publisher.pid), **labels}))
+    for doc in docs:
+        if doc.current:
+            out.add(doc.families, labels_text({WORKER_LABEL: str(doc.pid), **labels}))
+    out.add(render([worker_up(docs, publisher.pid if publisher else None)]), labels_text(labels))
