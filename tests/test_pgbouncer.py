@@ -172,3 +172,156 @@ def test_queueing_clients_show_as_pending(bouncers: Callable[..., Bouncer], clus
                                      {"pgbouncer": b.address, "database": "appdb"}) >= 5
     assert registry.get_sample_value("dbpool_pgbouncer_client_wait_seconds_total",
                                      {"pgbouncer": b.address, "database": "appdb"}) > 0
+
+
+
+
+def test_console_down_is_up_0_and_recovers(bouncers: Callable[..., Bouncer], caplog) -> None:  # type: ignore[no-untyped-def]
+    b = bouncers()
+    exporter = Exporter(CollectorRegistry())
+    source = PgBouncerSource("pgb", b.dsn("stats"), interval=0.1, backoff_max=0.2, connect_timeout=2)
+    exporter.register("pgb", source)
+    state = exporter.poller.states["pgb"]
+    up = {"source": "pgb", "kind": "pgbouncer"}
+    try:
+        exporter.poll_now()
+        assert exporter.registry.get_sample_value("dbpool_source_up", up) == 1
+        b.stop()
+        for _ in range(2):  # the broken connection, then a refused reconnect
+            exporter.poll_now()
+            assert exporter.registry.get_sample_value("dbpool_source_up", up) == 0
+            # No stale pool series while the source is down.
+            assert exporter.registry.get_sample_value("dbpool_pgbouncer_info",
+                                                      {"pgbouncer": b.address}) is None
+        assert f"PgBouncer {b.address}" in state.last_error
+        b.start()
+
+        def recovered() -> bool:
+            exporter.poll_now()
+            return exporter.registry.get_sample_value("dbpool_source_up", up) == 1
+        wait_until(recovered, "the source to reconnect after PgBouncer came back")
+    finally:
+        exporter.stop()
+    assert USERS["stats"] not in caplog.text and USERS["stats"] not in state.last_error
+
+
+def test_nothing_listening_is_up_0(caplog) -> None:  # type: ignore[no-untyped-def]
+    from dbpool_exporter.throwaway import free_port
+
+    exporter = Exporter(CollectorRegistry())
+    exporter.register("pgb", PgBouncerSource("pgb", f"postgresql://stats:{USERS['stats']}@127.0.0.1:{free_port()}/",
+                                             connect_timeout=2))
+    try:
+        exporter.poll_now()
+        assert exporter.registry.get_sample_value("dbpool_source_up", {"source": "pgb", "kind": "pgbouncer"}) == 0
+        assert "cannot connect to PgBouncer 127.0.0.1:" in exporter.poller.states["pgb"].last_error
+    finally:
+        exporter.stop()
+    assert USERS["stats"] not in caplog.text
+
+
+@pytest.mark.parametrize(("user", "password", "needle"), [
+    ("stats", "Wrong-Password-9", "authentication failed"),
+    # A role PgBouncer knows, but in neither admin_users nor stats_users: the console refuses it.
+    ("app", None, "not allowed"),
+])
+def test_wrong_credentials_are_up_0_without_the_password(bouncers: Callable[..., Bouncer], caplog,  # type: ignore[no-untyped-def]
+                                                        user: str, password: str | None, needle: str) -> None:
+    b = bouncers()
+    dsn = b.dsn(user, password=password)
+    exporter = Exporter(CollectorRegistry())
+    exporter.register("pgb", PgBouncerSource("pgb", dsn, connect_timeout=2))
+    try:
+        exporter.poll_now()
+        assert exporter.registry.get_sample_value("dbpool_source_up", {"source": "pgb", "kind": "pgbouncer"}) == 0
+        error = exporter.poller.states["pgb"].last_error
+    finally:
+        exporter.stop()
+    assert needle in error
+    secret = password or USERS[user]
+    assert secret not in error and secret not in caplog.text and dsn not in caplog.text
+
+
+def test_pause_queues_clients_and_reload_changes_limits(bouncers: Callable[..., Bouncer], cluster: PgCluster,  # type: ignore[no-untyped-def]
+                                                         watch) -> None:
+    b = bouncers()
+    poll = watch(PgBouncerSource("pgb", b.dsn("stats"), interval=1))
+    pool = {"pool": "pgb/appdb/app", "kind": "pgbouncer"}
+    db = {"pgbouncer": b.address, "database": "appdb"}
+    clients = Clients()
+    with psycopg.connect(b.dsn("admin"), autocommit=True) as admin:
+        try:
+            with psycopg.connect(b.dsn("app", "appdb"), autocommit=True) as warm:
+                warm.execute("SELECT 1")  # the pool exists from now on
+            admin.execute("PAUSE appdb")
+            assert poll().get_sample_value("dbpool_pgbouncer_database_paused", db) == 1
+            clients.queue(b.dsn("app", "appdb"))
+            wait_until(lambda: poll().get_sample_value("dbpool_pending_acquires", pool) == 1,
+                       "a client queued behind PAUSE")
+            admin.execute("RESUME appdb")
+        finally:
+            clients.release()
+        assert not clients.errors
+        registry = poll()
+        assert registry.get_sample_value("dbpool_pgbouncer_database_paused", db) == 0
+        assert registry.get_sample_value("dbpool_pending_acquires", pool) == 0
+        assert registry.get_sample_value("dbpool_max_connections", pool) == 2
+
+        b.databases["appdb"] = f"host=127.0.0.1 port={cluster.port} dbname=postgres pool_size=5"
+        b.settings["max_client_conn"] = "77"
+        b.write()
+        admin.execute("RELOAD")
+        registry = poll()
+        assert registry.get_sample_value("dbpool_pgbouncer_database_pool_size", db) == 5
+        assert registry.get_sample_value("dbpool_max_connections", pool) == 5
+        assert registry.get_sample_value("dbpool_pgbouncer_max_client_connections", {"pgbouncer": b.address}) == 77
+
+        # RELOAD, PAUSE and RESUME racing the polls: the console answers through all of them.
+        stop, done, failed = threading.Event(), [], []
+
+        def churn() -> None:
+            # prepare_threshold=None: psycopg would prepare a command run 5 times, and the console refuses that.
+            try:
+                with psycopg.connect(b.dsn("admin"), autocommit=True, prepare_threshold=None) as other:
+                    for _ in range(30):
+                        if stop.is_set():
+                            return
+                        for command in ("RELOAD", "PAUSE appdb", "RESUME appdb"):
+                            other.execute(command)
+                            done.append(command)
+            except BaseException as e:
+                failed.append(e)
+        thread = threading.Thread(target=churn, daemon=True)
+        thread.start()
+        try:
+            for _ in range(30):
+                registry = poll()
+                assert registry.get_sample_value("dbpool_source_up", {"source": "pgb", "kind": "pgbouncer"}) == 1
+        finally:
+            stop.set()
+            thread.join(timeout=10)
+        assert not failed and done
+
+
+def test_label_caps_fold_databases_and_users(bouncers: Callable[..., Bouncer], cluster: PgCluster, watch) -> None:  # type: ignore[no-untyped-def]
+    target = f"host=127.0.0.1 port={cluster.port} dbname=postgres"
+    b = bouncers({f"db{i}": target for i in (1, 2, 3)})
+    poll = watch(PgBouncerSource("pgb", b.dsn("stats"), max_label_values=2))
+    clients = Clients()
+    try:
+        for user, database in (("u1", "db1"), ("app", "db1"), ("u2", "db2"), ("u3", "db3")):
+            clients.hold(b.dsn(user, database))
+        registry = poll()
+    finally:
+        clients.release()
+    pools = {s.labels["pool"] for family in registry.collect() for s in family.samples
+             if s.name == "dbpool_pending_acquires"}
+    # db1 is busiest; db2 and db3 tie and db2 wins on its name; likewise app and u1 among the users.
+    assert pools == {"pgb/db1/app", "pgb/db1/u1", "pgb/db2/other", "pgb/other/other"}
+    me = {"pgbouncer": b.address}
+    assert registry.get_sample_value("dbpool_pgbouncer_folded_values", {**me, "label": "database"}) == 1
+    assert registry.get_sample_value("dbpool_pgbouncer_folded_values", {**me, "label": "user"}) == 2
+    assert registry.get_sample_value("dbpool_pgbouncer_database_pool_size", {**me, "database": "other"}) is not None
+    assert registry.get_sample_value("dbpool_pgbouncer_database_pool_size", {**me, "database": "db3"}) is None
+    assert registry.get_sample_value("dbpool_pgbouncer_pool_clients",
+                                     {"pool": "pgb/other/other", "kind": "pgbouncer", "state": "active"}) == 1

@@ -21,8 +21,9 @@ KIND = "pgbouncer"
 # The admin console speaks only the simple query protocol ("extended query protocol not supported by
 # admin console"): asyncpg's fetch() always uses the extended one, and its simple-protocol execute()
 # drops the rows. psycopg 3 sends a query that has no parameters with the simple protocol, so each
-# command below goes out as one plain Query message. One command per message: the console does not
-# split a multi-statement string.
+# command below goes out as one plain Query message -- as long as automatic preparation is off
+# (prepare_threshold=None): by default psycopg prepares a query on its 5th run, which the console
+# refuses with the same error.
 QUERIES = ("POOLS", "DATABASES", "STATS", "CONFIG", "LISTS", "USERS")
 
 # SHOW STATS totals -> (counter name without _total, factor to base units, help). PgBouncer reports
@@ -406,7 +407,8 @@ class PgBouncerSource:
         try:
             # autocommit: otherwise psycopg would open a transaction with BEGIN, which the console refuses.
             conn = await asyncio.wait_for(
-                psycopg.AsyncConnection.connect(autocommit=True, row_factory=dict_row, **params),
+                psycopg.AsyncConnection.connect(autocommit=True, prepare_threshold=None, row_factory=dict_row,
+                                                **params),
                 self.connect_timeout)
             rows = await self._show(conn, "VERSION")
         except Exception as e:  # refused, timed out, auth, not a PgBouncer: all mean "retry later"
