@@ -15,7 +15,7 @@ from prometheus_client.exposition import generate_latest
 from conftest import check_metrics
 from dbpool_exporter import Exporter
 from dbpool_exporter.families import Families
-from dbpool_exporter.sources.pgbouncer import PgBouncerSource
+from dbpool_exporter.sources.pgbouncer import PgBouncerSource, build_snapshot
 from dbpool_exporter.throwaway import PgCluster
 
 USERS = {"admin": "admin-Secret-1", "stats": "stats-Secret-2", "app": "app-Secret-3",
@@ -325,3 +325,123 @@ def test_label_caps_fold_databases_and_users(bouncers: Callable[..., Bouncer], c
     assert registry.get_sample_value("dbpool_pgbouncer_database_pool_size", {**me, "database": "db3"}) is None
     assert registry.get_sample_value("dbpool_pgbouncer_pool_clients",
                                      {"pool": "pgb/other/other", "kind": "pgbouncer", "state": "active"}) == 1
+
+
+def test_an_app_pool_through_pgbouncer_joins_on_its_address(bouncers: Callable[..., Bouncer], cluster: PgCluster,  # type: ignore[no-untyped-def]
+                                                            watch) -> None:
+    from sqlalchemy import create_engine, text
+
+    b = bouncers()
+    engine = create_engine(b.dsn("app", "appdb").replace("postgresql://", "postgresql+psycopg://"),
+                           pool_size=3, max_overflow=0)
+    exporter = Exporter(CollectorRegistry())
+    exporter.register("app", engine)
+    exporter.register("pgb", PgBouncerSource("pgb", b.dsn("stats")))
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        exporter.poll_now()
+        value = exporter.registry.get_sample_value
+        # Tier 1: the app pool names PgBouncer, which carries the same address as its own identity ...
+        assert value("dbpool_pool_info", {"pool": "app", "kind": "sqlalchemy", "pool_class": "QueuePool",
+                                          "server": b.address, "database": "appdb"}) == 1
+        assert value("dbpool_pgbouncer_client_connections", {"pgbouncer": b.address}) is not None
+        # ... tier 2: PgBouncer's pool names the real server, as a postgres source watching it would.
+        assert value("dbpool_pool_info", {"pool": "pgb/appdb/app", "kind": "pgbouncer", "pool_class": "PgBouncer",
+                                          "server": f"127.0.0.1:{cluster.port}", "database": "postgres"}) == 1
+    finally:
+        exporter.stop()
+        engine.dispose()
+
+
+def test_daemon_serves_servers_and_pgbouncers(bouncers: Callable[..., Bouncer], cluster: PgCluster,  # type: ignore[no-untyped-def]
+                                              tmp_path, promtool: str) -> None:
+    from test_daemon import DaemonProcess, _env
+
+    b = bouncers()
+    config = ("defaults: {interval: 0.3, backoff_max: 1}\n"
+              f"servers:\n  - name: pg\n    dsn: 'postgresql://postgres@127.0.0.1:{cluster.port}/postgres'\n"
+              "pgbouncers:\n  - name: pgb\n    dsn_env: PGB_DSN\n")
+    d = DaemonProcess(tmp_path, config, env=_env(PGB_DSN=b.dsn("stats")))
+    try:
+        d.wait_ready()
+        d.wait_for(lambda: d.value("dbpool_source_up", source="pgb", kind="pgbouncer") == 1, "the pgbouncer source")
+        text = d.metrics()
+        check_metrics(promtool, text)
+        assert d.value("dbpool_source_up", source="pg", kind="postgres") == 1
+        assert d.value("dbpool_pgbouncer_database_info", pgbouncer=b.address, database="appdb",
+                       server=f"127.0.0.1:{cluster.port}") == 1
+        assert d.value("dbpool_server_max_connections", server=f"127.0.0.1:{cluster.port}") == 40
+        assert "1 pgbouncer(s) (pgb)" in d.log()
+    finally:
+        code, _ = d.stop()
+    assert code == 0
+    assert USERS["stats"] not in d.log() and USERS["stats"] not in text
+    assert "Traceback" not in d.log()
+
+
+def test_config_pgbouncers_section(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from dbpool_exporter.config import ConfigError, PgBouncerConfig, parse
+
+    secret = "Config-Secret-77"
+    ok = parse({"defaults": {"interval": "2s"},
+                "pgbouncers": [{"name": "pgb", "dsn": f"postgresql://stats:{secret}@10.0.0.5:6432/pgbouncer",
+                                "max_label_values": 5},
+                               {"name": "pgb2", "dsn": f"host=10.0.0.6 port=6432 user=stats password={secret}"}]},
+               env={})
+    assert not ok.servers and [type(p) for p in ok.sources] == [PgBouncerConfig, PgBouncerConfig]
+    first = ok.pgbouncers[0]
+    assert (first.interval, first.max_label_values) == (2.0, 5)
+    source = first.source()
+    assert isinstance(source, PgBouncerSource) and source.pgbouncer == "10.0.0.5:6432"
+    assert secret not in repr(ok)
+
+    with pytest.raises(ConfigError) as e:
+        parse({"servers": [{"name": "x", "dsn": "postgresql://postgres@db:5432/app"}],
+               "pgbouncers": [{"name": "x", "dsn": f"postgresql://stats:{secret}@pgb:6432/app"},
+                              {"name": "y", "dsn": f"postgresql://stats:{secret}@pgb2:6432/pgbouncer"},
+                              {"name": "z", "dsn": f"postgresql://stats:{secret}@pgb2:6432/pgbouncer"},
+                              {"name": "w", "dsn_env": "NOPE", "bogus": 1}]}, env={})
+    problems = e.value.problems
+    assert "pgbouncers[0].name: duplicate source name 'x' (servers and pgbouncers share names)" in problems
+    assert ("pgbouncers[0].dsn: dbname must be 'pgbouncer' (PgBouncer's admin console), got 'app'" in problems)
+    assert any(p.startswith("pgbouncers[2].dsn: same PgBouncer (pgb2:6432) as pgbouncers[1]") for p in problems)
+    assert "pgbouncers[3].dsn_env: environment variable NOPE is not set" in problems
+    assert any(p.startswith("pgbouncers[3].bogus: unknown key") for p in problems)
+    assert secret not in str(e.value)
+    with pytest.raises(ConfigError, match="servers: required"):
+        parse({"pgbouncers": []}, env={})
+
+
+def test_columns_that_differ_by_version() -> None:
+    """1.24+ spells reserve_pool as reserve_pool_size, adds per-user pool sizes (1.23+) and more stats
+    columns; 1.18 lacks them. Rows shaped as each prints them (the real 1.18 is covered above)."""
+    base_db = {"name": "app", "host": "db", "port": 5432, "database": "app", "force_user": None, "pool_size": 10,
+               "min_pool_size": 0, "pool_mode": None, "max_connections": 0, "current_connections": 1,
+               "paused": 0, "disabled": 0}
+    pool = {"database": "app", "user": "web", "cl_active": 1, "cl_waiting": 2, "sv_active": 1, "sv_idle": 0,
+            "sv_used": 0, "sv_tested": 0, "sv_login": 0, "maxwait": 3, "maxwait_us": 500000, "pool_mode": "session"}
+    config = [{"key": "pool_mode", "value": "session"}, {"key": "max_client_conn", "value": "100"},
+              {"key": "query_wait_timeout", "value": "0"}]
+    old = build_snapshot("pgb:6432", version="1.18.0", pools=[pool], databases=[{**base_db, "reserve_pool": 2}],
+                         stats=[{"database": "app", "total_xact_count": 5}], config=config, lists=[],
+                         users=[{"name": "web", "pool_mode": None}])
+    new = build_snapshot("pgb:6432", version="1.24.1", pools=[pool],
+                         databases=[{**base_db, "reserve_pool_size": 3, "max_connections": 12,
+                                     "max_client_connections": 0, "current_client_connections": 3}],
+                         stats=[{"database": "app", "total_xact_count": 5, "total_server_assignment_count": 9,
+                                 "total_bind_count": 4}],
+                         config=config, lists=[],
+                         users=[{"name": "web", "pool_size": 20, "reserve_pool_size": 1, "pool_mode": None}])
+    old_out, new_out = Rendered(old, "pgb"), Rendered(new, "pgb")
+    labels = {"pool": "pgb/app/web"}
+    assert old_out.value("dbpool_max_connections", **labels) == 12  # pool_size 10 + reserve_pool 2
+    # The user's own pool_size 20 + reserve 1, capped by the database's max_db_connections of 12.
+    assert new_out.value("dbpool_max_connections", **labels) == 12
+    assert new_out.value("dbpool_pgbouncer_database_reserve_pool_size", database="app") == 3
+    assert old_out.value("dbpool_pgbouncer_database_reserve_pool_size", database="app") == 2
+    assert old_out.value("dbpool_oldest_pending_acquire_age_seconds", **labels) == 3.5
+    assert old_out.value("dbpool_acquire_timeout_seconds", **labels) is None  # query_wait_timeout 0: no limit
+    assert new_out.value("dbpool_pgbouncer_server_assignments_total", database="app") == 9
+    assert old_out.value("dbpool_pgbouncer_server_assignments_total", database="app") is None
+    assert new_out.value("dbpool_pgbouncer_binds_total", database="app") == 4
