@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 from typing import Callable, Iterator
 
 import psycopg
 import pytest
+import yaml
 from bouncer import Bouncer
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import generate_latest
@@ -445,3 +447,73 @@ def test_columns_that_differ_by_version() -> None:
     assert new_out.value("dbpool_pgbouncer_server_assignments_total", database="app") == 9
     assert old_out.value("dbpool_pgbouncer_server_assignments_total", database="app") is None
     assert new_out.value("dbpool_pgbouncer_binds_total", database="app") == 4
+
+
+# The PromQL README gives for the three tiers, as recording rules, so promtool proves it against the
+# shipped rules (tier 2 needs no new rule: PgBouncer pools are pools with a server).
+PROPOSED_RULES = """\
+groups:
+- name: pgbouncer.proposed
+  rules:
+  - record: dbpool:pgbouncer_client_capacity:max
+    expr: max by (server) (label_replace(dbpool_pgbouncer_max_client_connections, "server", "$1", "pgbouncer", "(.*)"))
+  - record: dbpool:pgbouncer_client_budget:ratio
+    expr: |-
+      sum by (server) (dbpool:pool_max_connections:with_server{kind!="pgbouncer"})
+      / on (server)
+      (dbpool:pgbouncer_client_capacity:max > 0)
+  - record: dbpool:pool_backend:info
+    expr: |-
+      dbpool_pool_info{kind!="pgbouncer"}
+      * on (server, database) group_left (backend)
+      label_replace(label_replace(dbpool_pgbouncer_database_info, "backend", "$1", "server", "(.*)"),
+                    "server", "$1", "pgbouncer", "(.*)")
+"""
+
+
+def _series(name: str, value: int, **labels: str) -> dict[str, str]:
+    inner = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    return {"series": f"{name}{{{inner}}}", "values": f"{value}x5"}
+
+
+APP = {"job": "app", "kind": "sqlalchemy", "pool": "api"}
+DAEMON = {"job": "dbpool", "instance": "d"}
+PGB_POOL = {**DAEMON, "pool": "pgb/appdb/app", "kind": "pgbouncer"}
+INPUT_SERIES = [
+    # Two replicas of an app whose pool (60) talks to PgBouncer, one cron pool (10) straight to PostgreSQL.
+    *(s for i in ("a1", "a2") for s in (
+        _series("dbpool_max_connections", 60, **APP, instance=i),
+        _series("dbpool_pool_info", 1, **APP, instance=i, pool_class="QueuePool", server="pgb:6432",
+                database="appdb"))),
+    _series("dbpool_max_connections", 10, job="cron", instance="c1", pool="jobs", kind="psycopg"),
+    _series("dbpool_pool_info", 1, job="cron", instance="c1", pool="jobs", kind="psycopg",
+            pool_class="ConnectionPool", server="db:5432", database="app"),
+    # The daemon watching PgBouncer and PostgreSQL.
+    _series("dbpool_pgbouncer_max_client_connections", 100, **DAEMON, pgbouncer="pgb:6432"),
+    _series("dbpool_pgbouncer_database_info", 1, **DAEMON, pgbouncer="pgb:6432", database="appdb",
+            server="db:5432", server_database="app", pool_mode="transaction"),
+    _series("dbpool_max_connections", 20, **PGB_POOL),
+    _series("dbpool_pool_info", 1, **PGB_POOL, pool_class="PgBouncer", server="db:5432", database="app"),
+    _series("dbpool_server_usable_connections", 97, **DAEMON, server="db:5432"),
+]
+EXPECTED = [
+    ("dbpool:pgbouncer_client_budget:ratio", 'dbpool:pgbouncer_client_budget:ratio{server="pgb:6432"}', 1.2),
+    # Tier 2: the cron pool and PgBouncer's server pool, counted against PostgreSQL.
+    ('dbpool:server_pool_max:sum{server="db:5432"}', 'dbpool:server_pool_max:sum{server="db:5432"}', 30),
+    ("count by (backend) (dbpool:pool_backend:info)", '{backend="db:5432"}', 2),
+]
+
+
+def test_three_tier_promql_against_the_shipped_rules(tmp_path, promtool: str) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+
+    shipped = Path(__file__).resolve().parents[1] / "alerts" / "dbpool-rules.yml"
+    (tmp_path / "proposed.yml").write_text(PROPOSED_RULES)
+    tests = {"rule_files": [str(shipped), "proposed.yml"], "evaluation_interval": "1m", "tests": [{
+        "interval": "1m", "input_series": INPUT_SERIES,
+        "promql_expr_test": [{"expr": expr, "eval_time": "2m", "exp_samples": [{"labels": labels, "value": value}]}
+                             for expr, labels, value in EXPECTED]}]}
+    (tmp_path / "tests.yml").write_text(yaml.safe_dump(tests))
+    result = subprocess.run([promtool, "test", "rules", "tests.yml"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
