@@ -517,3 +517,38 @@ def test_three_tier_promql_against_the_shipped_rules(tmp_path, promtool: str) ->
     result = subprocess.run([promtool, "test", "rules", "tests.yml"], cwd=tmp_path, capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_console_that_stops_answering_is_up_0(bouncers: Callable[..., Bouncer]) -> None:
+    import os
+    import signal
+
+    b = bouncers()
+    exporter = Exporter(CollectorRegistry())
+    exporter.register("pgb", PgBouncerSource("pgb", b.dsn("stats"), interval=0.1, statement_timeout=1,
+                                             connect_timeout=1, backoff_max=0.2))
+    up = {"source": "pgb", "kind": "pgbouncer"}
+    assert b.proc is not None
+    try:
+        exporter.poll_now()
+        assert exporter.registry.get_sample_value("dbpool_source_up", up) == 1
+        os.kill(b.proc.pid, signal.SIGSTOP)  # accepts nothing, answers nothing: a hung PgBouncer
+        try:
+            exporter.poll_now()  # the open connection: bounded by statement_timeout
+            assert exporter.registry.get_sample_value("dbpool_source_up", up) == 0
+            assert "no reply within 1 s (statement_timeout)" in exporter.poller.states["pgb"].last_error
+            print(f"hung PgBouncer: poll gave up after {exporter.poller.states['pgb'].duration:.2f} s")
+            time.sleep(0.3)  # past the backoff, so the next poll really tries to connect
+            exporter.poll_now()  # a new connection: bounded by connect_timeout
+            assert exporter.registry.get_sample_value("dbpool_source_up", up) == 0
+            assert "no reply within 1 s (connect_timeout)" in exporter.poller.states["pgb"].last_error
+            print(f"hung PgBouncer: connect gave up after {exporter.poller.states['pgb'].duration:.2f} s")
+        finally:
+            os.kill(b.proc.pid, signal.SIGCONT)
+
+        def recovered() -> bool:
+            exporter.poll_now()
+            return exporter.registry.get_sample_value("dbpool_source_up", up) == 1
+        wait_until(recovered, "the source to recover once PgBouncer answers again")
+    finally:
+        exporter.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
 from collections import defaultdict
@@ -441,11 +442,28 @@ class PgBouncerSource:
             out[what] = await self._show(conn, what)
         return out
 
+    async def _bounded(self, conn: Any) -> dict[str, list[dict[str, Any]]]:
+        """The console has no statement_timeout: bound the whole round trip here instead."""
+        task = asyncio.ensure_future(self._read(conn))
+        try:
+            done, _ = await asyncio.wait({task}, timeout=self.statement_timeout)
+        finally:
+            if not task.done():
+                # Close first, cancel second: cancelled mid-query, psycopg would send a cancel request
+                # and wait for the query to end, 10 s on a PgBouncer that has stopped answering. On a
+                # closed connection it gives up at once.
+                conn.pgconn.finish()
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+        if task not in done:
+            raise asyncio.TimeoutError
+        return task.result()
+
     async def poll(self) -> PgBouncerSnapshot:
         conn = await self._connect()
         try:
-            # The console has no statement_timeout: bound the whole round trip here instead.
-            rows = await asyncio.wait_for(self._read(conn), self.statement_timeout)
+            rows = await self._bounded(conn)
         except Exception as e:
             self._drop()
             if isinstance(e, asyncio.TimeoutError):
