@@ -9,13 +9,14 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, Iterable, Mapping
+from typing import Any, Awaitable, Iterable, Mapping, TypeVar
 
 from ..families import Families
 from ..redact import scrub, server_label
 from ..snapshot import PoolSnapshot
 from .postgres import APPLICATION_NAME, OTHER, ServerUnavailable, sanitize
 
+T = TypeVar("T")
 ADMIN_DATABASE = "pgbouncer"
 KIND = "pgbouncer"
 
@@ -406,12 +407,12 @@ class PgBouncerSource:
                   "connect_timeout": str(max(2, round(self.connect_timeout)))}
         conn = None
         try:
-            # autocommit: otherwise psycopg would open a transaction with BEGIN, which the console refuses.
+            # autocommit: otherwise psycopg sends BEGIN first ("invalid command 'BEGIN'", says the console).
             conn = await asyncio.wait_for(
                 psycopg.AsyncConnection.connect(autocommit=True, prepare_threshold=None, row_factory=dict_row,
                                                 **params),
                 self.connect_timeout)
-            rows = await self._show(conn, "VERSION")
+            rows = await self._bounded(conn, self._show(conn, "VERSION"), self.connect_timeout)
         except Exception as e:  # refused, timed out, auth, not a PgBouncer: all mean "retry later"
             if conn is not None:
                 conn.pgconn.finish()
@@ -442,11 +443,12 @@ class PgBouncerSource:
             out[what] = await self._show(conn, what)
         return out
 
-    async def _bounded(self, conn: Any) -> dict[str, list[dict[str, Any]]]:
-        """The console has no statement_timeout: bound the whole round trip here instead."""
-        task = asyncio.ensure_future(self._read(conn))
+    @staticmethod
+    async def _bounded(conn: Any, work: Awaitable[T], timeout: float) -> T:
+        """The console has no statement_timeout: bound the round trip here instead."""
+        task = asyncio.ensure_future(work)
         try:
-            done, _ = await asyncio.wait({task}, timeout=self.statement_timeout)
+            done, _ = await asyncio.wait({task}, timeout=timeout)
         finally:
             if not task.done():
                 # Close first, cancel second: cancelled mid-query, psycopg would send a cancel request
@@ -463,7 +465,7 @@ class PgBouncerSource:
     async def poll(self) -> PgBouncerSnapshot:
         conn = await self._connect()
         try:
-            rows = await self._bounded(conn)
+            rows = await self._bounded(conn, self._read(conn), self.statement_timeout)
         except Exception as e:
             self._drop()
             if isinstance(e, asyncio.TimeoutError):
