@@ -22,10 +22,11 @@ SERVER_DEFAULTS: dict[str, Any] = {
     "backoff_max": 30.0,
 }
 DSN_KEYS = ("dsn", "dsn_env", "dsn_file")
-TOP_KEYS = ("servers", "defaults", "const_labels", "workers_dir")
+TOP_KEYS = ("servers", "pgbouncers", "defaults", "const_labels", "workers_dir")
 # Labels the exporter itself sets; a const label with one of these names would clash.
 RESERVED_LABELS = frozenset({"source", "kind", "server", "database", "user", "application_name", "state", "label",
-                             "pool", "pool_class", "version", "le", "quantile", "worker"})
+                             "pool", "pool_class", "version", "le", "quantile", "worker",
+                             "pgbouncer", "server_database", "pool_mode", "list"})
 _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 _ENV_REF = re.compile(r"\$(?:\$|\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\})")
 MAX_DURATION = 86400.0  # a day: longer is a typo, and larger values overflow the scheduler
@@ -77,16 +78,38 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class PgBouncerConfig(ServerConfig):
+    """A PgBouncer admin console (``pgbouncers:``): the same keys as a server."""
+
+    def source(self) -> Any:
+        from .sources.pgbouncer import PgBouncerSource
+
+        return PgBouncerSource(self.name, self.dsn, interval=self.interval, statement_timeout=self.statement_timeout,
+                               connect_timeout=self.connect_timeout, max_label_values=self.max_label_values,
+                               backoff_max=self.backoff_max)
+
+
+@dataclass(frozen=True)
 class Config:
     servers: tuple[ServerConfig, ...]
     const_labels: Mapping[str, str] = field(default_factory=dict)
     origin: str = ""  # the file, or the environment variable, it came from
+    pgbouncers: tuple[PgBouncerConfig, ...] = ()
     workers_dir: str = ""  # where an app's worker processes publish their pools (sidecar mode)
+
+    @property
+    def sources(self) -> tuple[ServerConfig, ...]:
+        """Everything the daemon polls: servers, then PgBouncers (names are unique across both)."""
+        return (*self.servers, *self.pgbouncers)
 
     def summary(self) -> str:
         names = ", ".join(s.name for s in self.servers)
-        workers = f", workers from {self.workers_dir}" if self.workers_dir else ""
-        return f"{len(self.servers)} server(s) ({names}), {len(self.const_labels)} const label(s){workers}"
+        text = f"{len(self.servers)} server(s) ({names}), {len(self.const_labels)} const label(s)"
+        if self.pgbouncers:
+            text += f", {len(self.pgbouncers)} pgbouncer(s) ({', '.join(p.name for p in self.pgbouncers)})"
+        if self.workers_dir:
+            text += f", workers from {self.workers_dir}"
+        return text
 
 
 # --- reading --------------------------------------------------------------------------------------
@@ -330,14 +353,14 @@ def parse(data: Any, *, env: Mapping[str, str], origin: str = "") -> Config:
     servers: list[ServerConfig] = []
     raw_servers = data.get("servers")
     if raw_servers is None:
-        if not workers_dir:
-            problems.append("servers: required: a list of servers to watch (or workers_dir)")
+        if not workers_dir and not data.get("pgbouncers"):
+            problems.append("servers: required: a list of servers to watch (or pgbouncers, or workers_dir)")
         raw_servers = []
     elif not isinstance(raw_servers, list):
         problems.append(f"servers: expected a list, got {type(raw_servers).__name__}")
         raw_servers = []
-    elif not raw_servers and not workers_dir:
-        problems.append("servers: at least one server is required (or workers_dir)")
+    elif not raw_servers and not workers_dir and not data.get("pgbouncers"):
+        problems.append("servers: at least one server is required (or pgbouncers, or workers_dir)")
     names: set[str] = set()
     # pg_stat_activity is server-wide: two entries for one host:port would serve every server series twice.
     seen_servers: dict[str, str] = {}
@@ -368,6 +391,54 @@ def parse(data: Any, *, env: Mapping[str, str], origin: str = "") -> Config:
             seen_servers[server] = path
             if name is not None:
                 servers.append(ServerConfig(name=name, dsn=dsn, **settings))
+    pgbouncers = _pgbouncers(data.get("pgbouncers", []), defaults, names, env, problems, secrets)
     if problems:
         raise ConfigError(problems, secrets)
-    return Config(servers=tuple(servers), const_labels=const_labels, origin=origin, workers_dir=workers_dir)
+    return Config(servers=tuple(servers), const_labels=const_labels, origin=origin, pgbouncers=pgbouncers,
+                  workers_dir=workers_dir)
+
+
+def _pgbouncers(raw_list: Any, defaults: dict[str, Any], names: set[str], env: Mapping[str, str],
+                problems: list[str], secrets: set[str]) -> tuple[PgBouncerConfig, ...]:
+    """``pgbouncers:``, entries shaped like servers; names are unique across both lists (they name sources)."""
+    from .sources.pgbouncer import connect_params as pgbouncer_params
+
+    if not isinstance(raw_list, list):
+        problems.append(f"pgbouncers: expected a list, got {type(raw_list).__name__}")
+        return ()
+    out: list[PgBouncerConfig] = []
+    seen: dict[str, str] = {}
+    for i, raw in enumerate(raw_list):
+        path = f"pgbouncers[{i}]"
+        if not isinstance(raw, dict):
+            problems.append(f"{path}: expected a mapping, got {type(raw).__name__}")
+            continue
+        _unknown(raw, ("name", *DSN_KEYS, *SERVER_DEFAULTS), path, problems)
+        name = raw.get("name")
+        if not isinstance(name, str) or not name.strip() or len(name) > 128:
+            problems.append(f"{path}.name: required: a non-empty string of at most 128 characters")
+            name = None
+        elif name in names:
+            problems.append(f"{path}.name: duplicate source name {name!r} (servers and pgbouncers share names)")
+            name = None
+        else:
+            names.add(name)
+        target = _dsn(raw, path, env, problems, secrets)
+        settings = {**SERVER_DEFAULTS, **defaults, **_settings(raw, path, problems)}
+        if target is None:
+            continue
+        dsn, address = target
+        key = next(k for k in DSN_KEYS if k in raw)
+        try:
+            pgbouncer_params(dsn)
+        except ValueError as e:
+            problems.append(f"{path}.{key}: {e}")
+            continue
+        if address in seen:
+            problems.append(f"{path}.{key}: same PgBouncer ({address}) as {seen[address]}; its series would be "
+                            f"served twice")
+            continue
+        seen[address] = path
+        if name is not None:
+            out.append(PgBouncerConfig(name=name, dsn=dsn, **settings))
+    return tuple(out)

@@ -73,7 +73,7 @@ class _Served:
 
 def _secrets(config: Config) -> list[str]:
     out = []
-    for server in config.servers:
+    for server in config.sources:
         out.append(server.dsn)
         with contextlib.suppress(ValueError):
             asyncpg_dsn, params = connect_params(server.dsn)
@@ -118,7 +118,7 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
-        for server in self.config.servers:
+        for server in self.config.sources:  # servers, then pgbouncers
             self.exporter.register(server.name, server.source())
         self.exporter.start()  # inside the running loop: an AsyncIOScheduler on this loop
         host, port = self.web.address
@@ -187,8 +187,8 @@ class Daemon:
             return True
 
     async def _apply(self, new: Config) -> None:
-        old: dict[str, ServerConfig] = {s.name: s for s in self.config.servers}
-        wanted: dict[str, ServerConfig] = {s.name: s for s in new.servers}
+        old: dict[str, ServerConfig] = {s.name: s for s in self.config.sources}
+        wanted: dict[str, ServerConfig] = {s.name: s for s in new.sources}
         # Unchanged servers keep their connection and history; changed ones (a rotated password too) restart.
         gone = [name for name, cfg in old.items() if wanted.get(name) != cfg]
         removed = []
