@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from typing import Iterator
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import psycopg
 import pytest
@@ -63,3 +64,12 @@ def check_metrics(promtool: str, text: str) -> None:
     result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
     assert result.returncode == 0 and not result.stdout.strip() and not result.stderr.strip(), (
         result.stdout + result.stderr)
+
+
+@pytest.fixture
+def launch(tmp_path: Path, pg_dsn: str) -> Iterator[Callable[..., Any]]:
+    """Start real uvicorn/gunicorn servers of tests/apps/workers_app.py; all are stopped afterwards."""
+    from workerapps import launcher
+
+    with launcher(tmp_path, pg_dsn) as start:
+        yield start
