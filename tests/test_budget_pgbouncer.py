@@ -4,6 +4,7 @@ real app pools connect through PgBouncer and are served by a real in-process exp
 from __future__ import annotations
 
 import re
+import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -259,3 +260,44 @@ def test_session_mode_bounds_app_pools_by_pgbouncer_server_pools(setup: Setup,
     rc, out = _budget(capsys, fitted, setup.daemon_url)
     assert rc == 0, out
     assert _row(_section(out, "Tier 1"), session_row)[1:] == ["1", "5", "5 (pgbouncer session pools)", "0", "ok"]
+
+
+def test_session_mode_idle_app_connections_starve_another_replica(setup: Setup,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """Why the session row exists: pooled connections idle in one replica still hold every server connection."""
+    setup.start({"appdb": "pool_size=3 pool_mode=session"}, max_client_conn="100", query_wait_timeout="20")
+    first = setup.engine("app", "appdb", pool_size=3, max_overflow=0)
+    held = [first.connect() for _ in range(3)]
+    for conn in held:
+        conn.execute(text("SELECT 1"))
+    for conn in held:
+        conn.close()  # back into the app's pool: idle there, but still a session holding a server connection
+    second = setup.engine("app", "appdb", connect=False, pool_size=3, max_overflow=0)
+    url = setup.serve(first=first, second=second)
+    rc, out = _budget(capsys, url, setup.daemon_url)
+    assert rc == 1
+    assert _row(_section(out, "Tier 1"), f"{setup.bouncer.address}/appdb")[1:] == [  # type: ignore[union-attr]
+        "2", "6", "3 (pgbouncer session pools)", "-3", "OVERCOMMIT"]
+
+    result: list[object] = []
+    thread = threading.Thread(target=lambda: result.append(_select_one(second)), daemon=True)
+    thread.start()
+    try:
+        # Nothing is busy and PgBouncer is far below max_client_conn, yet the second replica queues.
+        setup.wait_for("dbpool_pending_acquires", 1, pool="pgb/appdb/app", kind="pgbouncer")
+        # In session mode a server connection linked to a client is sv_active, busy or not.
+        assert setup.daemon.value("dbpool_connections", pool="pgb/appdb/app",  # type: ignore[union-attr]
+                                  state="checked_out") == 3
+        assert not result
+    finally:
+        first.dispose()  # the first replica's sessions end: their server connections go to the waiting client
+        thread.join(timeout=15)
+    assert result == [1]
+
+
+def _select_one(engine: Engine) -> object:
+    try:
+        with engine.connect() as conn:
+            return conn.execute(text("SELECT 1")).scalar()
+    except Exception as e:  # surfaced by the test's assertion on the result
+        return e
