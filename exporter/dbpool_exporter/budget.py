@@ -166,6 +166,11 @@ def _instance(url: str) -> str:
     return parts.netloc if parts.path == "/metrics" else parts.netloc + parts.path
 
 
+def _whole(value: float) -> int | None:
+    """A reported capacity as a count; None (unknown) for NaN, infinities or negatives from a broken exposition."""
+    return int(value) if math.isfinite(value) and value >= 0 else None
+
+
 def collect(pages: Iterable[tuple[str, str]]) -> dict[str, Server]:
     """Pools and capacities from each exporter's exposition: one row per server label, PgBouncer or PostgreSQL,
     plus one per session-mode PgBouncer database that app pools connect to."""
@@ -229,20 +234,20 @@ def collect(pages: Iterable[tuple[str, str]]) -> dict[str, Server]:
     for p in [*pools, *bouncer_pools.values()]:
         servers.setdefault(p.server, Server(p.server)).pools.append(p)
         if p.pgbouncer and p.pgbouncer[1] != FOLDED:  # "other" adds up several databases' caps: no cap
-            cap = int(databases[p.pgbouncer[:2]].get("dbpool_pgbouncer_database_max_connections", 0))
-            if cap > 0:
+            cap = _whole(databases[p.pgbouncer[:2]].get("dbpool_pgbouncer_database_max_connections", 0))
+            if cap:
                 servers[p.server].caps[p.pgbouncer[:2]] = cap
     for name, seen in capacity.items():
         server = servers.setdefault(name, Server(name))
         if "dbpool_server_usable_connections" in seen:
-            server.usable = int(seen["dbpool_server_usable_connections"])
+            server.usable = _whole(seen["dbpool_server_usable_connections"])
         elif "dbpool_server_max_connections" in seen:
-            server.usable = int(seen["dbpool_server_max_connections"]
-                                - seen.get("dbpool_server_reserved_connections", 0))
+            server.usable = _whole(seen["dbpool_server_max_connections"]
+                                   - seen.get("dbpool_server_reserved_connections", 0))
         server.usable_from = "exporter"
     for address, max_client_conn in bouncers.items():
         server = servers.setdefault(address, Server(address))
-        server.usable, server.usable_from, server.tier = int(max_client_conn), "pgbouncer max_client_conn", PGBOUNCER
+        server.usable, server.usable_from, server.tier = _whole(max_client_conn), "pgbouncer max_client_conn", PGBOUNCER
     for row in _sessions(pools, list(bouncer_pools.values()), databases):
         servers[row.name] = row
     return servers
@@ -278,10 +283,10 @@ def _sessions(pools: list[Pool], bouncer_pools: list[Pool],
                 "dbpool_pgbouncer_database_reserve_pool_size", 0)
         else:
             capacity = None
-        cap = facts.get("dbpool_pgbouncer_database_max_connections", 0)
-        if capacity is not None and cap > 0 and database != FOLDED:
+        cap = _whole(facts.get("dbpool_pgbouncer_database_max_connections", 0))
+        if capacity is not None and cap and database != FOLDED:
             capacity = min(capacity, cap)
-        rows.append(Server(f"{address}/{database}", clients, None if capacity is None else int(capacity),
+        rows.append(Server(f"{address}/{database}", clients, None if capacity is None else _whole(capacity),
                            "pgbouncer session pools", SESSION))
     return rows
 
