@@ -213,3 +213,36 @@ def test_bad_input_is_one_line_and_exit_2(serve: Callable[..., str], capsys: pyt
         rc, out, err = _budget(capsys, *argv)
         assert rc == 2 and out == "", (argv, out)
         assert len(err.splitlines()) == 1 and message in err and "s3cret" not in err, (argv, err)
+
+
+BROKEN_CAPACITIES = """\
+dbpool_pool_info{pool="app",kind="sqlalchemy",server="db:5432",database="app"} 1
+dbpool_max_connections{pool="app",kind="sqlalchemy"} 18
+dbpool_pool_info{pool="web",kind="sqlalchemy",server="pgb:6432",database="app"} 1
+dbpool_max_connections{pool="web",kind="sqlalchemy"} 18
+dbpool_server_usable_connections{server="db:5432"} NaN
+dbpool_pgbouncer_max_client_connections{pgbouncer="pgb:6432"} +Inf
+"""
+
+
+def test_non_finite_capacities_are_unknown_not_a_crash(capsys: pytest.CaptureFixture[str]) -> None:
+    class Broken(_Html):
+        def do_GET(self) -> None:
+            body = BROKEN_CAPACITIES.encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    httpd = http.server.HTTPServer(("127.0.0.1", 0), Broken)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        rc, out, err = _budget(capsys, f"127.0.0.1:{httpd.server_address[1]}")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=5)
+    assert rc == 0 and err == "", err
+    assert _row(out, "db:5432")[3:5] == ["unknown", "unknown"]
+    assert _row(out, "pgb:6432")[3:5] == ["unknown", "unknown"]
