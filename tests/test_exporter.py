@@ -260,3 +260,33 @@ def _server_of(dsn: str) -> str:
 
     url = make_url(dsn)
     return f"{url.host}:{url.port or 5432}"
+
+
+def test_user_subclasses_of_pools_are_watched(sync_url: str, pg_dsn: str) -> None:
+    """Pool kinds are chosen by isinstance, so a pool class defined in the application works."""
+    from psycopg_pool import ConnectionPool
+    from sqlalchemy.pool import QueuePool
+
+    class MyQueuePool(QueuePool):
+        pass
+
+    class MyPool(ConnectionPool):
+        pass
+
+    engine = create_engine(sync_url, poolclass=MyQueuePool, pool_size=2, max_overflow=1)
+    pool = MyPool(pg_dsn, min_size=1, max_size=2, open=True)
+    exporter = Exporter().register("engine", engine).register("subclass", engine.pool).register("psycopg", pool)
+    try:
+        with engine.connect(), pool.connection():
+            exporter.poll_now()
+            get = exporter.registry.get_sample_value
+            assert get("dbpool_max_connections", {"pool": "subclass", "kind": "sqlalchemy"}) == 3
+            assert get("dbpool_connections", {"pool": "engine", "kind": "sqlalchemy", "state": "checked_out"}) == 1
+            assert get("dbpool_connections", {"pool": "psycopg", "kind": "psycopg", "state": "checked_out"}) == 1
+            info = [s.labels for m in exporter.registry.collect() for s in m.samples if s.name == "dbpool_pool_info"]
+            assert {i["pool"]: i["pool_class"] for i in info} == {"engine": "MyQueuePool", "subclass": "MyQueuePool",
+                                                                  "psycopg": "MyPool"}
+    finally:
+        exporter.stop()
+        pool.close()
+        engine.dispose()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import errno
+import importlib
 import logging
 import os
+import sys
 import weakref
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -262,20 +264,33 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+# Pool kinds: the classes a source watches (module, class name) and where the source lives. A class is looked
+# up only if the app has imported its module already, so watching psycopg pools never imports SQLAlchemy.
+_KINDS: tuple[tuple[tuple[tuple[str, str], ...], str, str], ...] = (
+    ((("psycopg_pool.base", "BasePool"),), ".sources.psycopg", "PsycopgPoolSource"),
+    ((("sqlalchemy.engine", "Engine"), ("sqlalchemy.pool", "Pool"), ("sqlalchemy.ext.asyncio", "AsyncEngine")),
+     ".sources.sqlalchemy", "SQLAlchemySource"),
+)
+
+
+def _source_class(target: Any) -> Any:
+    """The source class for a pool (subclasses included), or ``None`` when it is no pool we know."""
+    for classes, module, name in _KINDS:
+        for class_module, class_name in classes:
+            loaded = sys.modules.get(class_module)
+            cls = getattr(loaded, class_name, None) if loaded is not None else None
+            if cls is not None and isinstance(target, cls):
+                return getattr(importlib.import_module(module, __package__), name)
+    return None
+
+
 def _is_pool(target: Any) -> bool:
-    module = type(target).__module__
-    return module.startswith(("sqlalchemy", "psycopg_pool"))
+    return _source_class(target) is not None
 
 
 def _source_for(name: str, target: Any, interval: float, recorder: Recorder | None) -> Source:
-    module = type(target).__module__
-    if module.startswith("psycopg_pool"):
-        from .sources.psycopg import PsycopgPoolSource
-
-        return PsycopgPoolSource(name, target, interval=interval, recorder=recorder)
-    if module.startswith("sqlalchemy"):
-        from .sources.sqlalchemy import SQLAlchemySource
-
-        return SQLAlchemySource(name, target, interval=interval, recorder=recorder)
-    raise TypeError(f"pool {name!r}: don't know how to watch a {type(target).__module__}."
-                    f"{type(target).__name__}; pass an Engine, AsyncEngine, Pool or psycopg_pool pool")
+    source_class = _source_class(target)
+    if source_class is None:
+        raise TypeError(f"pool {name!r}: don't know how to watch a {type(target).__module__}."
+                        f"{type(target).__name__}; pass an Engine, AsyncEngine, Pool or psycopg_pool pool")
+    return source_class(name, target, interval=interval, recorder=recorder)
