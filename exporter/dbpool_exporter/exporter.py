@@ -9,7 +9,7 @@ import os
 import sys
 import weakref
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from prometheus_client import CollectorRegistry, make_asgi_app, make_wsgi_app
 
@@ -19,7 +19,9 @@ from .httpserver import RunningServer, serve_wsgi
 from .poller import Poller
 from .recorder import HOLD_BUCKETS, WAIT_BUCKETS, Recorder
 from .sources.base import Source
-from .webconfig import WebConfig
+
+if TYPE_CHECKING:
+    from .webconfig import WebConfig
 
 log = logging.getLogger("dbpool_exporter")
 

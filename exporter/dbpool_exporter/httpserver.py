@@ -10,10 +10,11 @@ import socketserver
 import ssl
 import threading
 import time
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
-from .webconfig import WebConfig
+if TYPE_CHECKING:  # not at run time: webconfig needs bcrypt and yaml, which the library does not
+    from .webconfig import WebConfig
 
 __all__ = ["RunningServer", "parse_listen_address", "serve_wsgi"]
 

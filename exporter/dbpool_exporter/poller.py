@@ -10,16 +10,14 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Callable
-
-from apscheduler.jobstores.base import JobLookupError
-from apscheduler.schedulers.asyncio import AsyncIOScheduler
-from apscheduler.schedulers.background import BackgroundScheduler
-from apscheduler.schedulers.base import BaseScheduler
+from typing import TYPE_CHECKING, Any, Callable
 
 from .redact import scrub
 from .snapshot import Snapshot
 from .sources.base import Source
+
+if TYPE_CHECKING:
+    from apscheduler.schedulers.base import BaseScheduler
 
 log = logging.getLogger("dbpool_exporter")
 
@@ -55,6 +53,7 @@ class Poller:
     def __init__(self) -> None:
         self.states: dict[str, SourceState] = {}
         self._scheduler: BaseScheduler | None = None
+        self._threaded = False  # a BackgroundScheduler thread, rather than an AsyncIOScheduler on the host's loop
         self._private_loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
         # Housekeeping jobs beside the sources (publishing to other workers, retrying a port).
@@ -85,6 +84,8 @@ class Poller:
 
     def cancel(self, job_id: str) -> None:
         if self._chores.pop(job_id, None) is not None and self._scheduler is not None:
+            from apscheduler.jobstores.base import JobLookupError
+
             with contextlib.suppress(JobLookupError):
                 self._scheduler.remove_job(job_id)
 
@@ -102,6 +103,11 @@ class Poller:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
+        # Imported here: a host that never starts polling never loads APScheduler.
+        from apscheduler.schedulers.asyncio import AsyncIOScheduler
+        from apscheduler.schedulers.background import BackgroundScheduler
+
+        self._threaded = loop is None
         if loop is not None:
             self._scheduler = AsyncIOScheduler(event_loop=loop, job_defaults=defaults, timezone=timezone.utc)
         else:
@@ -117,7 +123,7 @@ class Poller:
 
         Returns whether polling ran in a thread, so the caller can start it again in the child.
         """
-        threaded = isinstance(self._scheduler, BackgroundScheduler)
+        threaded = self._scheduler is not None and self._threaded
         self._scheduler, self._private_loop = None, None
         self._lock = threading.Lock()  # the parent's may have been held by a thread that is gone
         return threaded
@@ -126,7 +132,7 @@ class Poller:
         scheduler, self._scheduler = self._scheduler, None
         if scheduler is not None:
             # An AsyncIOScheduler cannot wait from outside its loop; its jobs are short anyway.
-            scheduler.shutdown(wait=isinstance(scheduler, BackgroundScheduler))
+            scheduler.shutdown(wait=self._threaded)
 
     def close_loop(self) -> None:
         """Stop the private loop; after the sources that live on it have been closed."""
@@ -136,7 +142,7 @@ class Poller:
 
     def _schedule(self, state: SourceState) -> None:
         assert self._scheduler is not None
-        if isinstance(self._scheduler, AsyncIOScheduler):
+        if not self._threaded:
             async def job() -> None:
                 await self.poll_async(state)
             func: Callable[[], Any] = job
