@@ -140,7 +140,7 @@ def _link_or_copy(src: str, dst: str) -> str:
 class PgCluster:
     """initdb + pg_ctl on a free loopback port, from :func:`find_binaries`; as ``postgres`` when we are root."""
 
-    def __init__(self, binaries: Binaries | None = None, **settings: str) -> None:
+    def __init__(self, binaries: Binaries | None = None, /, **settings: str) -> None:
         self.binaries = binaries or find_binaries()
         self.bindir = self.binaries.bindir
         self.user = _run_as()
