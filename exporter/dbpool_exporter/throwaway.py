@@ -125,6 +125,8 @@ def _run_as() -> str | None:
     else ``nobody``. Unlike the wheels' own start-up code, we never create a system user."""
     if os.geteuid() != 0:
         return None
+    if shutil.which("runuser") is None:
+        raise NoBinaries("PostgreSQL cannot run as root, and there is no runuser to switch users: run as a normal user")
     for user in ("postgres", "nobody"):
         with contextlib.suppress(KeyError):
             pwd.getpwnam(user)
