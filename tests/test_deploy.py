@@ -384,7 +384,7 @@ def test_promtool_checks_the_compose_prometheus_config_with_the_rules(promtool: 
 def test_amtool_checks_alertmanager_config() -> None:
     amtool = shutil.which("amtool")
     if amtool is None:
-        pytest.fail("amtool not found: install Debian's 'prometheus-alertmanager' package (.ci/run does)")
+        pytest.fail("amtool not found: install Debian's 'prometheus-alertmanager' package (scripts/test does)")
     result = subprocess.run([amtool, "check-config", str(COMPOSE_DIR / "alertmanager.yml")],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -34,7 +34,7 @@ REQUESTS, CONCURRENCY = 1000, 50
 def ab() -> str:
     path = shutil.which("ab")
     if path is None:
-        pytest.fail("ab not found: install Debian's 'apache2-utils' (.ci/run does)")
+        pytest.fail("ab not found: install Debian's 'apache2-utils' (scripts/test does)")
     return path
 
 

