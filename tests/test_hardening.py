@@ -13,6 +13,7 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -352,6 +353,42 @@ def test_in_process_server_bounds_connections_too() -> None:
         for s in opened:
             s.close()
         server.shutdown()
+
+
+_EMFILE_CHILD = """
+import resource, sys, time
+resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48))
+from dbpool_exporter.httpserver import serve_wsgi
+from test_webconfig import App
+server = serve_wsgi(App(), "127.0.0.1", 0, max_connections=10**6)  # a bound too high to help: EMFILE
+print(server.port, flush=True)
+time.sleep(60)
+"""
+
+
+def test_out_of_descriptors_does_not_spin_the_accept_loop() -> None:
+    child = subprocess.Popen([sys.executable, "-c", _EMFILE_CHILD], stdout=subprocess.PIPE, text=True,
+                             cwd=Path(__file__).parent)
+    opened: list[socket.socket] = []
+    try:
+        assert child.stdout is not None
+        port = int(child.stdout.readline())
+        for _ in range(100):  # more than the descriptors left: accept() fails with EMFILE
+            s = socket.create_connection(("127.0.0.1", port), timeout=5)
+            s.sendall(b"GET /metrics HTTP/1.1\r\n")
+            opened.append(s)
+        time.sleep(1)
+        cpu_before, wall_before = _cpu_seconds(child.pid), time.monotonic()
+        time.sleep(2)
+        cpu = (_cpu_seconds(child.pid) - cpu_before) / (time.monotonic() - wall_before)
+        print(f"accept loop out of descriptors: CPU {cpu:.0%}")
+        assert cpu < 0.5
+        assert child.poll() is None
+    finally:
+        for s in opened:
+            s.close()
+        child.kill()
+        child.wait(timeout=10)
 
 
 def _established(port: int) -> int:
