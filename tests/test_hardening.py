@@ -355,6 +355,29 @@ def test_in_process_server_bounds_connections_too() -> None:
         server.shutdown()
 
 
+def test_clients_that_never_read_their_answer_cannot_lock_out_scrapers() -> None:
+    big = b"x" * (16 << 20)  # far more than the socket buffers: the answering thread blocks in send()
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [big if environ["PATH_INFO"] == "/big" else b"ok\n"]
+
+    server = serve_wsgi(app, "127.0.0.1", 0, max_connections=8)  # type: ignore[arg-type]
+    opened: list[socket.socket] = []
+    try:
+        for _ in range(12):
+            s = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")  # and never read
+            opened.append(s)
+        time.sleep(0.5)
+        assert request(server, "/metrics")[0] == 200
+    finally:
+        for s in opened:
+            s.close()
+        server.shutdown()
+
+
 _EMFILE_CHILD = """
 import resource, sys, time
 resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48))

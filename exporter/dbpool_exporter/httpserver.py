@@ -240,17 +240,22 @@ class _Server(socketserver.ThreadingMixIn, WSGIServer):
         super().process_request(request, client_address)
 
     def _victim(self, new: _Conn | None) -> _Conn | None:
-        """The oldest connection still sending its request; else the new one (a scrape in progress stays)."""
+        """The oldest connection still sending its request; else the oldest being answered (a client
+        that never reads its answer holds it until ``request_timeout``); the new one only if alone."""
+        oldest_serving = None
         for conn in self._conns.values():
-            if not conn.serving and not conn.dropped and conn is not new:
+            if conn.dropped or conn is new:
+                continue
+            if not conn.serving:
                 return conn
-        return new
+            oldest_serving = oldest_serving or conn
+        return oldest_serving or new
 
     def _crowded(self, detail: str) -> None:
         if not self._warned:
             self._warned = True
-            log.warning("too many connections (%s): dropping the oldest that have not sent a whole request; "
-                        "logged once", detail)
+            log.warning("too many connections (%s): dropping the oldest, those still sending their request "
+                        "first; logged once", detail)
         else:
             events.log(logging.DEBUG, "crowded", "too many connections (%s)", detail)
 
