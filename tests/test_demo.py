@@ -236,12 +236,15 @@ def test_demo_port_in_use_is_one_line(run_demo: type[Demo], pg_dsn: str) -> None
     assert line.startswith("dbpool-exporter demo: cannot serve /metrics on 127.0.0.1:")
 
 
-def test_demo_bad_dsn_is_one_line_without_the_password(run_demo: type[Demo]) -> None:
+def test_demo_bad_dsn_is_one_line_without_the_password(run_demo: type[Demo], tmp_path: Path) -> None:
     closed = free_port()
-    line = _one_line_failure(run_demo("--dsn", f"postgresql://postgres:s3cret@127.0.0.1:{closed}/postgres"))
+    dsn_file = tmp_path / "dsn"  # a password never goes in --dsn: process arguments are public
+    dsn_file.write_text(f"postgresql://postgres:s3cret@127.0.0.1:{closed}/postgres\n")
+    line = _one_line_failure(run_demo("--dsn-file", str(dsn_file)))
     assert "cannot connect to postgresql://postgres:***@127.0.0.1" in line
     assert "s3cret" not in line
-    line = _one_line_failure(run_demo("--dsn", "host=127.0.0.1 password=s3cret port=notaport"))
+    dsn_file.write_text("host=127.0.0.1 password=s3cret port=notaport")
+    line = _one_line_failure(run_demo("--dsn-file", str(dsn_file)))
     assert "s3cret" not in line
 
 

@@ -331,8 +331,8 @@ def test_compose_demo_and_daemon_use_the_same_server_name() -> None:
     """Pools and server join on `server` = host:port of the DSN: both DSNs must name the server alike."""
     services = compose()["services"]
     demo = services["demo"]["command"]
-    assert demo[:1] == ["demo"] and "--dsn" in demo and demo[demo.index("--listen") + 1] == "0.0.0.0"
-    demo_dsn = demo[demo.index("--dsn") + 1]
+    assert demo[:1] == ["demo"] and "--dsn" not in demo and demo[demo.index("--listen") + 1] == "0.0.0.0"
+    demo_dsn = services["demo"]["environment"]["DBPOOL_DEMO_DSN"]  # not in argv: ps shows it to anyone
     daemon_dsn = services["exporter"]["environment"]["DBPOOL_MAIN_DSN"]
     host_port = re.compile(r"@([^/@]+)/")
     assert host_port.search(demo_dsn).group(1) == host_port.search(daemon_dsn).group(1) == "postgres:5432"

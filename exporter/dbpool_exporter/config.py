@@ -10,6 +10,7 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
+from .limits import MAX_CONFIG_BYTES, MAX_DSN_BYTES, TooLarge, read_capped
 from .redact import scrub, server_label
 from .sources.postgres import connect_params
 
@@ -156,8 +157,9 @@ def _yaml_problem(path: str, e: yaml.YAMLError) -> str:
 def load_file(path: str, env: Mapping[str, str] | None = None) -> Config:
     """Read and validate a config file; raises ``ConfigError`` listing every problem."""
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        text = read_capped(path, MAX_CONFIG_BYTES).decode("utf-8")
+    except TooLarge as e:
+        raise ConfigError([f"{path}: cannot read config file: {e}"]) from None
     except (OSError, UnicodeDecodeError) as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
         raise ConfigError([f"{path}: cannot read config file: {reason}"]) from None
@@ -289,8 +291,10 @@ def _dsn(raw: dict[str, Any], path: str, env: Mapping[str, str], problems: list[
             return None
     elif key == "dsn_file":
         try:
-            with open(value, encoding="utf-8") as f:
-                dsn = f.read().strip()
+            dsn = read_capped(value, MAX_DSN_BYTES).decode("utf-8").strip()
+        except TooLarge as e:
+            problems.append(f"{where}: cannot read {value}: {e}")
+            return None
         except (OSError, UnicodeDecodeError) as e:
             reason = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
             problems.append(f"{where}: cannot read {value}: {reason}")

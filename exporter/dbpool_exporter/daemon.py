@@ -6,9 +6,10 @@ import asyncio
 import contextlib
 import logging
 import signal
+import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
@@ -26,6 +27,9 @@ log = logging.getLogger("dbpool_exporter.daemon")
 
 # How long shutdown waits for connections to close politely before aborting them.
 CLOSE_GRACE = 0.5
+# How long a reload may spend reading its files, and how many given-up reads may still hang around.
+RELOAD_TIMEOUT = 5.0
+MAX_STUCK_READERS = 8
 
 
 class _Served:
@@ -105,6 +109,9 @@ class Daemon:
                              text=served.text)
         self._stop: asyncio.Event | None = None
         self._reload_lock: asyncio.Lock | None = None
+        self._reloads: set[asyncio.Task[bool]] = set()
+        self._reload_seq = self._reload_done = 0
+        self._stuck_readers = 0
 
     # --- state for the web thread ---------------------------------------------------------------
     def rows(self) -> list[SourceRow]:
@@ -114,10 +121,10 @@ class Daemon:
     # --- lifecycle ------------------------------------------------------------------------------
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        self._stop, self._reload_lock = asyncio.Event(), asyncio.Lock()
+        self._stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
-        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         for server in self.config.sources:  # servers, then pgbouncers
             self.exporter.register(server.name, server.source())
         self.exporter.start()  # inside the running loop: an AsyncIOScheduler on this loop
@@ -128,6 +135,8 @@ class Daemon:
         first_round = loop.create_task(self._first_round())
         await self._stop.wait()
         first_round.cancel()
+        for task in list(self._reloads):
+            task.cancel()  # a reload waiting on a stuck read must not hold up the exit
         log.info("shutting down")
         await self.shutdown()
         return 0
@@ -162,29 +171,86 @@ class Daemon:
                 source.close()  # type: ignore[attr-defined]  # aborts whatever did not close in time
 
     # --- SIGHUP ---------------------------------------------------------------------------------
+    def _on_sighup(self) -> None:
+        task = asyncio.get_running_loop().create_task(self.reload())
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+
     async def reload(self) -> bool:
-        """Re-read the config; a bad one keeps the old config running and says why."""
-        assert self._reload_lock is not None
+        """Re-read the config; a bad one keeps the old config running and says why.
+
+        Reading runs in its own thread, given up after ``RELOAD_TIMEOUT`` (a ``dsn_file`` that is a FIFO or
+        on a hung mount blocks forever), so a stuck read never holds up a later reload or shutdown.
+        """
+        self._reload_seq += 1
+        seq = self._reload_seq
+        try:
+            new, web_config = await self._read_configs()
+        except Exception as e:  # anything at all (a MemoryError too): the old config stays, and says so
+            self._reload_failed(seq, e)
+            return False
+        if self._reload_lock is None:
+            self._reload_lock = asyncio.Lock()
         async with self._reload_lock:
+            if seq < self._reload_done:
+                log.info("config reload superseded by a later one; not applied")
+                return False
             try:
-                new = await asyncio.to_thread(self.loader)
-                web_config = await asyncio.to_thread(self.web_config_loader)
                 self.web.set_web_config(web_config)  # certificates and users re-read
-            except ConfigError as e:
-                self.reload_ok = False
-                for problem in e.problems:
-                    log.error("config reload failed, keeping the previous config: %s", problem)
+                self._known_secrets |= set(_secrets(new))
+                logs.set_secrets(self._known_secrets)
+                await self._apply(new)
+            except Exception as e:
+                self._reload_failed(seq, e)
                 return False
-            except (WebConfigError, ValueError) as e:
-                self.reload_ok = False
-                log.error("web config reload failed, keeping the previous config: %s", e)
-                return False
-            self._known_secrets |= set(_secrets(new))
-            logs.set_secrets(self._known_secrets)
-            await self._apply(new)
+            self._reload_done = seq
             self.reload_ok, self.reload_success_at = True, time.time()
             log.info("config reloaded from=%s %s", new.origin or "-", new.summary())
             return True
+
+    async def _read_configs(self) -> tuple[Config, WebConfig | None]:
+        if self._stuck_readers >= MAX_STUCK_READERS:
+            raise TimeoutError(f"{self._stuck_readers} earlier reloads are still stuck reading their files; "
+                               f"fix the file (a FIFO, a hung mount?) and send SIGHUP again")
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[tuple[Config, WebConfig | None]] = loop.create_future()
+
+        def settle(result: Any, error: BaseException | None) -> None:
+            self._stuck_readers -= 1
+            if not done.done():
+                done.set_exception(error) if error is not None else done.set_result(result)
+
+        def read() -> None:
+            result, error = None, None
+            try:
+                result = (self.loader(), self.web_config_loader())
+            except BaseException as e:  # handed to the loop, whatever it is
+                error = e
+            with contextlib.suppress(RuntimeError):  # the loop closed while we were stuck: nobody waits
+                loop.call_soon_threadsafe(settle, result, error)
+
+        # A daemon thread, not asyncio.to_thread: the default executor is joined when the loop closes,
+        # so one read stuck forever would keep the process from exiting.
+        self._stuck_readers += 1
+        threading.Thread(target=read, name="dbpool-exporter-reload", daemon=True).start()
+        try:
+            return await asyncio.wait_for(asyncio.shield(done), RELOAD_TIMEOUT)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"reading the config files took longer than {RELOAD_TIMEOUT:g} s "
+                               f"(a FIFO or a hung mount?); gave up") from None
+
+    def _reload_failed(self, seq: int, e: Exception) -> None:
+        if seq < self._reload_done:  # a later reload has already succeeded: this outcome is stale
+            log.info("an earlier config reload failed after a later one succeeded; nothing changed")
+            return
+        self.reload_ok = False
+        if isinstance(e, ConfigError):
+            for problem in e.problems:
+                log.error("config reload failed, keeping the previous config: %s", problem)
+        elif isinstance(e, (WebConfigError, ValueError, TimeoutError)):
+            log.error("config reload failed, keeping the previous config: %s", e)
+        else:
+            log.error("config reload failed, keeping the previous config: %s", f"{type(e).__name__}: {e}")
 
     async def _apply(self, new: Config) -> None:
         old: dict[str, ServerConfig] = {s.name: s for s in self.config.sources}

@@ -61,9 +61,10 @@ def _positive(value: str) -> float:
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dsn", default=os.environ.get("DBPOOL_DEMO_DSN"),
-                        help="use this PostgreSQL (libpq URL or conninfo; default $DBPOOL_DEMO_DSN) "
-                             "instead of a throwaway cluster")
+    parser.add_argument("--dsn", help="use this PostgreSQL (libpq URL or conninfo, without a password: "
+                                      "any user can read process arguments) instead of a throwaway cluster")
+    parser.add_argument("--dsn-file", metavar="FILE",
+                        help="read the DSN from FILE (one line; may hold a password); or set $DBPOOL_DEMO_DSN")
     parser.add_argument("--port", type=int, default=9188, help="port for /metrics (default 9188)")
     parser.add_argument("--listen", default="127.0.0.1", help="address for /metrics (default 127.0.0.1)")
     parser.add_argument("--incident", action="store_true",
@@ -74,9 +75,34 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"max_connections of the throwaway cluster (default {THROWAWAY_MAX_CONNECTIONS})")
 
 
+def _dsn_argument(args: argparse.Namespace) -> str | None:
+    """The DSN from --dsn (refused if it holds a password), --dsn-file or $DBPOOL_DEMO_DSN."""
+    if args.dsn:
+        from psycopg.conninfo import conninfo_to_dict
+
+        try:
+            has_password = bool(conninfo_to_dict(args.dsn).get("password"))
+        except Exception:  # not a DSN at all: connecting will say so, scrubbed
+            has_password = True
+        if has_password:
+            raise DemoError("--dsn: a password in the command line is visible to every user (ps); "
+                            "put the DSN in $DBPOOL_DEMO_DSN or a file for --dsn-file")
+        return str(args.dsn)
+    if args.dsn_file:
+        from .limits import MAX_DSN_BYTES, TooLarge, read_capped
+
+        try:
+            return read_capped(args.dsn_file, MAX_DSN_BYTES).decode("utf-8").strip() or None
+        except (OSError, UnicodeDecodeError, TooLarge) as e:
+            raise DemoError(f"--dsn-file: cannot read {args.dsn_file}: "
+                            f"{getattr(e, 'strerror', None) or e}") from None
+    return os.environ.get("DBPOOL_DEMO_DSN") or None
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the demo; 0 after Ctrl-C, SIGTERM or --duration, 2 on a setup problem."""
     try:
+        args.dsn = _dsn_argument(args)
         return asyncio.run(_demo(args))
     except DemoError as e:
         print(f"dbpool-exporter demo: {e}", file=sys.stderr, flush=True)

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import ipaddress
 import logging
 import re
+import resource
 import socket
 import socketserver
 import ssl
+import sys
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterable
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
+from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer
+
+from .logs import RateLimited
 
 if TYPE_CHECKING:  # not at run time: webconfig needs bcrypt and yaml, which the library does not
     from .webconfig import WebConfig
@@ -19,6 +25,16 @@ if TYPE_CHECKING:  # not at run time: webconfig needs bcrypt and yaml, which the
 __all__ = ["RunningServer", "parse_listen_address", "serve_wsgi"]
 
 log = logging.getLogger("dbpool_exporter.http")
+# Anything a client can cause (hang-ups, failed handshakes, a flood of connections) is logged this way.
+events = RateLimited(log)
+
+# No version in the Server header: it tells a prober which CVEs to try, and nobody else needs it.
+SERVER_SOFTWARE = "dbpool-exporter"
+# Connections held at once, at most; past it the oldest connection still sending its request is dropped.
+# Each costs a file descriptor and a thread: a quarter of the process's descriptor limit at most, so slow
+# clients can never take the descriptors the host application (or the exporter's own polls) need.
+MAX_CONNECTIONS = 512
+_OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
@@ -105,16 +121,20 @@ def serve_wsgi(
     *,
     handshake_timeout: float = 10.0,
     request_timeout: float = 60.0,
+    max_connections: int | None = None,
 ) -> RunningServer:
     """Serve ``app`` on ``host:port`` (``""`` = all interfaces, port 0 = any) from daemon threads.
 
     With ``web_config``: TLS per its ``tls_server_config`` (handshakes run in the connection's own
     thread, with a timeout, so a bad client never blocks others), basic auth checked before ``app``
-    sees any request, and its extra headers on every response. Raises OSError if it cannot listen.
+    sees any request, and its extra headers on every response. At most ``max_connections`` (default:
+    ``MAX_CONNECTIONS`` or a quarter of the descriptor limit) are held at once; past it the oldest
+    connection still sending its request is dropped. Raises OSError if it cannot listen.
     """
     family, address = _bind_address(host, port)
+    limit = max_connections if max_connections is not None else default_max_connections()
     try:
-        server = _Server(address, family, _guard(app), handshake_timeout, request_timeout)
+        server = _Server(address, family, _guard(app), handshake_timeout, request_timeout, limit)
     except OSError as exc:
         shown = f"[{host}]" if ":" in host else host
         raise OSError(exc.errno, f"cannot listen on {shown}:{port}: {exc.strerror or exc}") from None
@@ -150,21 +170,112 @@ class _TokenBucket:
             return False
 
 
+def default_max_connections() -> int:
+    """``MAX_CONNECTIONS``, or a quarter of this process's file-descriptor limit if that is lower."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_CONNECTIONS
+    return max(4, min(MAX_CONNECTIONS, soft // 4))
+
+
+class _Conn:
+    """One accepted connection, in accept order; ``serving`` once its request has been read."""
+
+    __slots__ = ("sock", "serving", "dropped")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.serving = False
+        self.dropped = False
+
+    def drop(self) -> None:
+        # shutdown(), not close(): the owning thread's recv() returns at once and that thread closes
+        # the descriptor, so it is never reused under it. socket.socket's own method, because
+        # SSLSocket.shutdown() would pull the TLS state out from under the reading thread.
+        self.dropped = True
+        with contextlib.suppress(OSError):
+            socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
+
+
 class _Server(socketserver.ThreadingMixIn, WSGIServer):
     daemon_threads = True
     allow_reuse_address = True
-    request_queue_size = 64
+    # 64 made the kernel drop SYNs at ~100 concurrent scrapers (1-3 s retransmits); it caps this at somaxconn.
+    request_queue_size = 1024
 
     def __init__(self, address: tuple[Any, ...], family: socket.AddressFamily, app: WSGIApp,
-                 handshake_timeout: float, request_timeout: float) -> None:
+                 handshake_timeout: float, request_timeout: float, max_connections: int) -> None:
         self.address_family = family
         self.handshake_timeout = handshake_timeout
         self.request_timeout = request_timeout
+        self.max_connections = max(1, max_connections)
         self.web_config: WebConfig | None = None
         self.ssl_context: ssl.SSLContext | None = None
         self.limiter: _TokenBucket | None = None
+        self._conns: dict[socket.socket, _Conn] = {}  # insertion order = accept order
+        self._conns_lock = threading.Lock()
+        self._current = threading.local()
+        self._warned = False
         super().__init__(address, _Handler)
         self.set_app(app)
+
+    # --- bounded connections ------------------------------------------------------------------
+    def get_request(self) -> tuple[socket.socket, Any]:
+        try:
+            return super().get_request()
+        except OSError as exc:
+            if exc.errno in _OUT_OF_DESCRIPTORS:
+                # The connection stays in the backlog and select() reports it again at once: without
+                # this the accept loop spins at 100% CPU. Free one descriptor, give its thread a moment.
+                self._crowded(f"accept failed: {exc.strerror}")
+                with self._conns_lock:
+                    victim = self._victim(None)
+                if victim is not None:
+                    victim.drop()
+                time.sleep(0.05)
+            raise
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        conn = _Conn(request)
+        with self._conns_lock:
+            self._conns[request] = conn
+            live = sum(not c.dropped for c in self._conns.values())
+            victim = self._victim(conn) if live > self.max_connections else None
+        if victim is not None:
+            self._crowded(f"{live} open, the limit is {self.max_connections}")
+            victim.drop()
+        super().process_request(request, client_address)
+
+    def _victim(self, new: _Conn | None) -> _Conn | None:
+        """The oldest connection still sending its request; else the oldest being answered (a client
+        that never reads its answer holds it until ``request_timeout``); the new one only if alone."""
+        oldest_serving = None
+        for conn in self._conns.values():
+            if conn.dropped or conn is new:
+                continue
+            if not conn.serving:
+                return conn
+            oldest_serving = oldest_serving or conn
+        return oldest_serving or new
+
+    def _crowded(self, detail: str) -> None:
+        if not self._warned:
+            self._warned = True
+            log.warning("too many connections (%s): dropping the oldest, those still sending their request "
+                        "first; logged once", detail)
+        else:
+            events.log(logging.DEBUG, "crowded", "too many connections (%s)", detail)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._conns_lock:
+            self._conns.pop(request, None)
+        super().shutdown_request(request)
+
+    def request_started(self) -> None:
+        """Called by the handler once the request line and headers are in: not a slow client."""
+        conn = getattr(self._current, "conn", None)
+        if conn is not None:
+            conn.serving = True
 
     def configure(self, web_config: WebConfig | None) -> None:
         ctx = web_config.ssl_context() if web_config is not None else None
@@ -184,6 +295,9 @@ class _Server(socketserver.ThreadingMixIn, WSGIServer):
         self.base_environ["dbpool_exporter.server"] = self
 
     def finish_request(self, request: Any, client_address: Any) -> None:
+        with self._conns_lock:
+            record = self._conns.get(request)
+        self._current.conn = record
         ctx = self.ssl_context
         if ctx is None:
             self.RequestHandlerClass(request, client_address, self)
@@ -191,6 +305,10 @@ class _Server(socketserver.ThreadingMixIn, WSGIServer):
         conn = self._handshake(request, client_address, ctx)
         if conn is None:
             return
+        if record is not None:
+            record.sock = conn  # the plain socket was detached into conn
+            if record.dropped:
+                record.drop()
         try:
             self.RequestHandlerClass(conn, client_address, self)
         finally:
@@ -207,18 +325,53 @@ class _Server(socketserver.ThreadingMixIn, WSGIServer):
                 return None
             conn = ctx.wrap_socket(sock, server_side=True)
         except (OSError, ValueError) as exc:  # SSLError and timeouts are OSErrors
-            log.debug("TLS handshake with %s failed: %s", client_address[0], exc)
+            events.log(logging.DEBUG, "handshake", "TLS handshake with %s failed: %s", client_address[0], exc)
             return None
         config = self.web_config
         if config is not None and not config.peer_allowed(conn.getpeercert()):
-            log.debug("TLS client %s: certificate has none of client_allowed_sans", client_address[0])
+            events.log(logging.DEBUG, "sans", "TLS client %s: certificate has none of client_allowed_sans",
+                       client_address[0])
             conn.close()
             return None
         return conn
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # The default prints a traceback to stderr for every reset connection.
-        log.debug("connection from %s failed", client_address[0], exc_info=True)
+        error = sys.exc_info()[1]
+        events.log(logging.DEBUG, "connection", "connection from %s failed: %s", client_address[0],
+                   f"{type(error).__name__}: {error}")
+
+
+class _ServerHandler(ServerHandler):
+    """wsgiref's, minus the version in ``Server`` and the traceback it prints to stderr on any error."""
+
+    server_software = SERVER_SOFTWARE
+
+    def handle_error(self) -> None:
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError):
+            # The client went away mid-answer: over TLS that is an SSLEOFError, which wsgiref does not
+            # count among the hang-ups it ignores (reset, broken pipe), so it printed a traceback. Nothing
+            # can be sent on the connection any more.
+            events.log(logging.DEBUG, "hangup", "client hung up mid-answer: %s", f"{type(error).__name__}: {error}")
+            return
+        events.log(logging.ERROR, "app", "request failed: %s", f"{type(error).__name__}: {error}")
+        if not self.headers_sent:
+            self.result = self.error_output(self.environ, self.start_response)
+            self.finish_response()
+
+
+class _LogStream:
+    """Stands in for stderr wherever wsgiref would write to it: lines go through the log instead."""
+
+    def write(self, text: str) -> int:
+        line = text.strip().splitlines()[-1] if text.strip() else ""
+        if line:
+            events.log(logging.ERROR, "stderr", "http server: %s", line)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
 
 
 class _Handler(WSGIRequestHandler):
@@ -227,6 +380,26 @@ class _Handler(WSGIRequestHandler):
     def setup(self) -> None:
         self.timeout = self.server.request_timeout  # a silent client cannot hold its thread forever
         super().setup()
+
+    def handle(self) -> None:
+        # WSGIRequestHandler.handle(), with our ServerHandler and a note once the request is in.
+        self.raw_requestline = self.rfile.readline(65537)
+        if len(self.raw_requestline) > 65536:
+            self.requestline = self.request_version = self.command = ""
+            self.send_error(414)
+            return
+        if not self.parse_request():
+            return
+        self.server.request_started()
+        handler = _ServerHandler(self.rfile, self.wfile, self.get_stderr(), self.get_environ(), multithread=False)
+        handler.request_handler = self  # type: ignore[attr-defined]  # what wsgiref sets for logging
+        handler.run(self.server.get_app())
+
+    def get_stderr(self) -> Any:
+        return _LogStream()
+
+    def version_string(self) -> str:
+        return SERVER_SOFTWARE
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's signature
         pass  # no access log: request lines are not ours to keep, and this runs per scrape
@@ -247,6 +420,13 @@ def _guard(app: WSGIApp) -> WSGIApp:
         server: _Server = environ["dbpool_exporter.server"]
         config, limiter = server.web_config, server.limiter
         extra = list(config.headers.items()) if config else []
+        # The toolkit takes a token before checking credentials (a wrong password costs a bcrypt, so the
+        # limit bounds that work). A request without usable credentials costs nothing to refuse, and is
+        # refused before the limiter, so an unauthenticated client cannot spend the real scraper's tokens.
+        if config is not None and config.refused_without_bcrypt(environ.get("HTTP_AUTHORIZATION")):
+            start_response("401 Unauthorized", [("Content-Type", "text/plain; charset=utf-8"),
+                                                ("WWW-Authenticate", "Basic"), *extra])
+            return [b"Unauthorized\n"]
         if limiter is not None and not limiter.allow():
             start_response("429 Too Many Requests", [("Content-Type", "text/plain; charset=utf-8"), *extra])
             return [b"Too Many Requests\n"]

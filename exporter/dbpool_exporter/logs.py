@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 import time
 from typing import Iterable
 
@@ -78,3 +79,31 @@ _secrets: tuple[str, ...] = ()
 
 def secrets() -> tuple[str, ...]:
     return _secrets
+
+
+class RateLimited:
+    """At most one record per key every ``every`` seconds; the next one says how many were held back.
+
+    For events a client can trigger at will (hang-ups, bad handshakes): the log shows them without
+    letting anyone who can reach the port flood it.
+    """
+
+    def __init__(self, logger: logging.Logger, every: float = 60.0) -> None:
+        self.logger = logger
+        self.every = every
+        self._last: dict[str, tuple[float, int]] = {}
+        self._lock = threading.Lock()
+
+    def log(self, level: int, key: str, msg: str, *args: object) -> None:
+        if not self.logger.isEnabledFor(level):
+            return
+        now = time.monotonic()
+        with self._lock:
+            last, held = self._last.get(key, (-self.every, 0))
+            if now - last < self.every:
+                self._last[key] = (last, held + 1)
+                return
+            self._last[key] = (now, 0)
+        if held:
+            msg, args = msg + " (%d more like it in the last %.0f s)", (*args, held, now - last)
+        self.logger.log(level, msg, *args)

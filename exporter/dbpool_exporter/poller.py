@@ -8,7 +8,7 @@ import inspect
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -28,6 +28,23 @@ for _name in ("apscheduler.executors.default", "apscheduler.scheduler"):
         logging.getLogger(_name).setLevel(logging.WARNING)
 
 
+class _NoSkipped(logging.Filter):
+    # "skipped: maximum number of running instances reached" is max_instances=1 doing its job (a slow
+    # poll never piles up); the slow poll shows in dbpool_source_poll_duration_seconds. Logged every
+    # interval, it would fill the host application's log.
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "maximum number of running instances" not in str(record.msg)
+
+
+# Our schedulers log here, not to "apscheduler.scheduler", so the filter touches nobody else's scheduler.
+_scheduler_log = logging.getLogger("dbpool_exporter.scheduler")
+_scheduler_log.addFilter(_NoSkipped())
+if _scheduler_log.level == logging.NOTSET:
+    _scheduler_log.setLevel(logging.WARNING)
+# How long remove() waits for a poll already under way in another thread (polls bound themselves).
+REMOVE_WAIT = 15.0
+
+
 @dataclass(slots=True)
 class SourceState:
     """What the collector reads: the last good snapshot and the source's own health."""
@@ -41,6 +58,10 @@ class SourceState:
     errors: int = 0
     polls: int = 0
     last_error: str = ""
+    removed: bool = False
+    # Held by a thread while it polls, so remove() can wait for a poll already under way.
+    busy: threading.Lock = field(default_factory=threading.Lock)
+    busy_thread: int = 0
 
     def fresh(self, now: float) -> bool:
         # A snapshot older than a few intervals (a stalled loop, a hung poll) is not current.
@@ -70,10 +91,16 @@ class Poller:
         return state
 
     def remove(self, name: str) -> Source:
+        """Unschedule ``name``; a poll already running in another thread is waited for (bounded)."""
         with self._lock:
             state = self.states.pop(name)
+        state.removed = True
         if self._scheduler is not None and self._scheduler.get_job(name) is not None:
             self._scheduler.remove_job(name)
+        # A poll under way would otherwise finish after the caller closed the source, and undo the close
+        # (re-hook a pool, reconnect). Polls are bounded by their timeouts; this by REMOVE_WAIT.
+        if state.busy_thread != threading.get_ident() and state.busy.acquire(timeout=REMOVE_WAIT):
+            state.busy.release()
         return state.source
 
     def every(self, job_id: str, seconds: float, func: Callable[[], None]) -> None:
@@ -109,9 +136,11 @@ class Poller:
 
         self._threaded = loop is None
         if loop is not None:
-            self._scheduler = AsyncIOScheduler(event_loop=loop, job_defaults=defaults, timezone=timezone.utc)
+            self._scheduler = AsyncIOScheduler(event_loop=loop, job_defaults=defaults, timezone=timezone.utc,
+                                               logger=_scheduler_log)
         else:
-            self._scheduler = BackgroundScheduler(job_defaults=defaults, daemon=True, timezone=timezone.utc)
+            self._scheduler = BackgroundScheduler(job_defaults=defaults, daemon=True, timezone=timezone.utc,
+                                                  logger=_scheduler_log)
         self._scheduler.start()
         for state in list(self.states.values()):
             self._schedule(state)
@@ -168,6 +197,16 @@ class Poller:
     # --- one poll -------------------------------------------------------------------------
     def poll_sync(self, state: SourceState) -> None:
         """Poll from a plain thread; a coroutine source runs on a private loop thread."""
+        with state.busy:
+            if state.removed:
+                return
+            state.busy_thread = threading.get_ident()
+            try:
+                self._poll_sync(state)
+            finally:
+                state.busy_thread = 0
+
+    def _poll_sync(self, state: SourceState) -> None:
         started = time.perf_counter()
         try:
             result = state.source.poll()
@@ -179,6 +218,8 @@ class Poller:
             self._succeeded(state, result, started)
 
     async def poll_async(self, state: SourceState) -> None:
+        if state.removed:
+            return
         started = time.perf_counter()
         try:
             result = state.source.poll()

@@ -21,6 +21,8 @@ from typing import Any, Iterator
 import bcrypt
 import yaml
 
+from .limits import MAX_WEB_CONFIG_BYTES, TooLarge, read_capped
+
 __all__ = ["WebConfig", "WebConfigError", "TLSSettings", "load_web_config"]
 
 
@@ -169,6 +171,10 @@ class WebConfig:
         """A fresh server context (certificate files re-read), or None when TLS is off."""
         return _build_ssl_context(self.tls) if self.tls is not None else None
 
+    def refused_without_bcrypt(self, authorization_header: str | None) -> bool:
+        """Whether auth is on and this header fails before any bcrypt (absent, not Basic, malformed)."""
+        return bool(self._users) and _parse_basic(authorization_header) is None
+
     def check(self, authorization_header: str | None) -> bool:
         """Whether a request carrying this ``Authorization`` header may proceed."""
         if not self._users:
@@ -219,10 +225,11 @@ class WebConfig:
 def load_web_config(path: str) -> WebConfig:
     """Read and validate an exporter-toolkit web config file; raises ``WebConfigError`` (one line)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        text = read_capped(path, MAX_WEB_CONFIG_BYTES).decode("utf-8")
     except FileNotFoundError:
         raise WebConfigError(path, "no such file") from None
+    except TooLarge as exc:
+        raise WebConfigError(path, str(exc)) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise WebConfigError(path, f"cannot read: {_reason(exc)}") from None
     try:
@@ -420,10 +427,11 @@ def _pem_path(pem: str) -> Iterator[str]:
 
 def _read_pem(path: str, key: str) -> str:
     try:
-        with open(path, encoding="ascii", errors="replace") as f:
-            return f.read()
+        return read_capped(path, MAX_WEB_CONFIG_BYTES).decode("ascii", errors="replace")
     except FileNotFoundError:
         raise WebConfigError(key, f"no such file: {path}") from None
+    except TooLarge as exc:
+        raise WebConfigError(key, f"{path}: {exc}") from None
     except OSError as exc:
         raise WebConfigError(key, f"cannot read {path}: {_reason(exc)}") from None
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import threading
 import time
 from collections import defaultdict
@@ -25,6 +26,9 @@ STATES = ("active", "idle", "idle in transaction", "idle in transaction (aborted
 # Rows whose state we cannot see: the exporter's role lacks pg_read_all_stats (grant pg_monitor).
 UNKNOWN_STATE = "unknown"
 OTHER = "other"
+# A real user or application_name spelled like the folded bucket ("other", "other'", ...) gets one more
+# quote, so it never merges with the values folded into OTHER.
+_LIKE_OTHER = re.compile(r"other'*")
 
 # One round trip per poll. Grouped in SQL so the result stays small however many backends there are;
 # the per-(database, application_name) and per-database figures are folded from these rows in Python.
@@ -67,6 +71,8 @@ WHERE name IN ('max_connections', 'superuser_reserved_connections', 'reserved_co
 """
 
 MAX_LABEL_LENGTH = 128
+# How long one connection attempt may go on in the background before it is given up (see _connect).
+CONNECT_ATTEMPT_MAX = 60.0
 LIBPQ_CLIENT_ONLY = frozenset({
     "application_name", "fallback_application_name", "connect_timeout", "hostaddr", "keepalives",
     "keepalives_idle", "keepalives_interval", "keepalives_count", "tcp_user_timeout", "channel_binding",
@@ -79,6 +85,10 @@ def sanitize(value: str, limit: int = MAX_LABEL_LENGTH) -> str:
     """Keep a label value bounded: any string is valid in Prometheus, but not any length."""
     value = "".join(ch if ch.isprintable() else "?" for ch in value[:limit])
     return value
+
+
+def _apart_from_other(value: str) -> str:
+    return value + "'" if _LIKE_OTHER.fullmatch(value) else value
 
 
 class ServerUnavailable(Exception):
@@ -147,7 +157,8 @@ def _top(counts: dict[str, int], cap: int) -> set[str]:
 def build_snapshot(server: str, rows: Iterable[Any], capacity: dict[str, int], *,
                    max_label_values: int = 50) -> ServerSnapshot:
     """Fold grouped ``ACTIVITY_SQL`` rows into a snapshot, capping user/application_name cardinality."""
-    rows = [(sanitize(r["database"]), sanitize(r["user"]), sanitize(r["application_name"]),
+    rows = [(sanitize(r["database"]), _apart_from_other(sanitize(r["user"])),
+             _apart_from_other(sanitize(r["application_name"])),
              r["state"] if r["state"] is not None else UNKNOWN_STATE, int(r["connections"]),
              float(r["oldest_xact_age"] or 0.0), float(r["oldest_idle_xact_age"] or 0.0), int(r["lock_waiting"]))
             for r in rows]
@@ -231,6 +242,8 @@ class PostgresSource:
         self._failures = 0
         self._retry_at = 0.0
         self._connect_error = ""
+        self._connecting: asyncio.Task[tuple[asyncpg.Connection, list[Any]]] | None = None
+        self._closed = False
 
     def _redact(self, text: str) -> str:
         for secret in self._secrets:
@@ -240,21 +253,25 @@ class PostgresSource:
     async def _connect(self) -> asyncpg.Connection:
         if self._conn is not None and not self._conn.is_closed():
             return self._conn
-        now = time.monotonic()
-        if now < self._retry_at:
-            # Same message as the failure that started the wait, so the poller logs it only once.
+        attempt = self._connecting
+        if attempt is None:
+            if time.monotonic() < self._retry_at:
+                # Same message as the failure that started the wait, so the poller logs it only once.
+                raise ServerUnavailable(self._connect_error)
+            attempt = self._connecting = asyncio.get_running_loop().create_task(self._open())
+            attempt.add_done_callback(_retrieve)
+        # A connect that gets no answer in connect_timeout fails this poll but is not abandoned: while
+        # pg_database is locked, a new backend blocks in its start-up, and a client-side timeout does not
+        # free it. Starting a fresh attempt each poll left one more blocked backend every time (4 in 20 s);
+        # waiting on the same one leaves at most one. It gives up for good after CONNECT_ATTEMPT_MAX.
+        done, _ = await asyncio.wait({attempt}, timeout=self.connect_timeout)
+        if not done:
+            self._connect_error = self._redact(
+                f"cannot connect to {self.server}: no reply within {self.connect_timeout:g} s (connect_timeout)")
             raise ServerUnavailable(self._connect_error)
+        self._connecting = None
         try:
-            conn = await asyncpg.connect(
-                self._dsn, timeout=self.connect_timeout,
-                server_settings={"application_name": APPLICATION_NAME,
-                                 # Server-side bound: a query stuck on a lock is cancelled by the server.
-                                 "statement_timeout": str(max(1, round(self.statement_timeout * 1000)))})
-            try:
-                rows = await conn.fetch(CAPACITY_SQL, timeout=self._client_timeout)
-            except BaseException:
-                conn.terminate()
-                raise
+            conn, rows = attempt.result()
         except Exception as e:  # refused, timed out, auth, TLS, "starting up": all mean "retry later"
             self._failures += 1
             # Exponent capped: a server down for days must not overflow the float.
@@ -266,10 +283,34 @@ class PostgresSource:
                 detail = f"{type(e).__name__}: {e}".strip().splitlines()[0] if str(e) else type(e).__name__
             self._connect_error = self._redact(f"cannot connect to {self.server}: {detail}")
             raise ServerUnavailable(self._connect_error) from None
+        if self._closed:  # closed while the attempt was under way
+            conn.terminate()
+            raise ServerUnavailable(f"source {self.name} is closed")
         self._conn, self._loop = conn, asyncio.get_running_loop()
         self._capacity = {r["name"]: r["value"] for r in rows}
         self._failures, self._retry_at, self._connect_error = 0, 0.0, ""
         return conn
+
+    async def _open(self) -> tuple[asyncpg.Connection, list[Any]]:
+        conn = await asyncpg.connect(
+            self._dsn, timeout=max(CONNECT_ATTEMPT_MAX, self.connect_timeout),
+            server_settings={"application_name": APPLICATION_NAME,
+                             # Server-side bound: a query stuck on a lock is cancelled by the server.
+                             "statement_timeout": str(max(1, round(self.statement_timeout * 1000)))})
+        try:
+            rows = await conn.fetch(CAPACITY_SQL, timeout=self._client_timeout)
+        except BaseException:
+            conn.terminate()
+            raise
+        return conn, rows
+
+    def _cancel_connecting(self) -> None:
+        attempt, self._connecting = self._connecting, None
+        if attempt is None or attempt.done():
+            return
+        loop = attempt.get_loop()
+        with contextlib.suppress(RuntimeError):  # its loop is closed: nothing runs it any more
+            loop.call_soon_threadsafe(attempt.cancel)
 
     @property
     def _client_timeout(self) -> float:
@@ -300,12 +341,16 @@ class PostgresSource:
 
     async def aclose(self) -> None:
         """Close politely (a Terminate message, so the server logs no broken connection)."""
+        self._closed = True
+        self._cancel_connecting()
         conn, self._conn = self._conn, None
         if conn is not None and not conn.is_closed():
             await _close_politely(conn)
 
     def close(self) -> None:
         """Synchronous close for ``Exporter.unregister``, from any thread, on the connection's own loop."""
+        self._closed = True
+        self._cancel_connecting()
         conn, self._conn = self._conn, None
         if conn is None or conn.is_closed():
             return
@@ -349,6 +394,12 @@ def _close_on(loop: asyncio.AbstractEventLoop, conn: asyncpg.Connection) -> None
         if time.monotonic() > deadline:
             conn.terminate()
             return
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    # An attempt nobody awaits any more (its source closed) must not log "exception was never retrieved".
+    if not task.cancelled():
+        task.exception()
 
 
 async def _close_politely(conn: asyncpg.Connection) -> None:

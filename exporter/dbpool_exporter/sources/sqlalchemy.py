@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import weakref
 from operator import attrgetter
 from time import perf_counter as _now
@@ -45,6 +46,9 @@ class SQLAlchemySource:
         self._hooked: weakref.WeakSet[Pool] = weakref.WeakSet()
         self._origins: list[Pool] = []  # pools our listeners were added to (kept for removal)
         self._listeners: dict[str, Any] = {}
+        # A poll running while close() unhooks must not hook the pool again afterwards.
+        self._hook_lock = threading.Lock()
+        self._closed = False
         if recorder is not None:
             self._hook(self.pool)
 
@@ -75,7 +79,9 @@ class SQLAlchemySource:
             )
         if self.recorder is not None:
             if pool not in self._hooked:
-                self._hook(pool)
+                with self._hook_lock:
+                    if not self._closed and pool not in self._hooked:
+                        self._hook(pool)
             fields.update(self.recorder.fold(fields.get("checked_out")))
             if "checked_out" not in fields:
                 # Pools without accessors (NullPool, StaticPool, ...): the hooks still know.
@@ -84,6 +90,11 @@ class SQLAlchemySource:
                             database=self.database, **fields)
 
     def close(self) -> None:
+        with self._hook_lock:
+            self._closed = True
+            self._unhook()
+
+    def _unhook(self) -> None:
         for pool in list(self._hooked):
             pool.__dict__.pop("connect", None)
             pool.__dict__.pop("_return_conn", None)
