@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -12,7 +13,7 @@ from typing import Callable
 import pytest
 
 from dbpool_exporter import budget
-from workerapps import BIN, PER_WORKER_MAX, App, by_worker, free_port, get, samples, wait_for, workers_seen
+from workerapps import BIN, App, by_worker, free_port, get, samples, wait_for, workers_seen
 
 
 def leak_until_exhausted(app: App) -> str:
@@ -107,17 +108,37 @@ def test_gunicorn_sync_preload_and_max_requests(launch: Callable[..., App], prel
                                                            for labels, _ in samples(text, "dbpool_connections"))
 
 
-def test_budget_counts_every_worker(launch: Callable[..., App], capsys: pytest.CaptureFixture[str]) -> None:
-    app = launch("uvicorn", 3)
-    workers_seen(app.metrics, 3)  # type: ignore[attr-defined]
-    total = 3 * PER_WORKER_MAX  # every worker has its own copy of both pools
-    server = samples(get(app.metrics), "dbpool_pool_info")[0][0]["server"]  # type: ignore[attr-defined]
-    rc = budget.main([app.metrics, "--server-max", f"{server}={total - 1}"])  # type: ignore[attr-defined]
-    out = capsys.readouterr().out
-    assert rc == budget.OVERCOMMIT, out
-    assert [line.split()[2] for line in out.splitlines() if line.startswith(server)] == [f"{total:g}"], out
-    rc = budget.main([app.metrics, "--server-max", f"{server}={total}"])  # type: ignore[attr-defined]
-    assert rc == budget.OK, capsys.readouterr().out
+def test_budget_counts_every_worker(launch: Callable[..., App], capsys: pytest.CaptureFixture[str],
+                                    pg_dsn: str, tmp_path: Path) -> None:
+    """The issue's figures: 4 workers x (20 + 40) plus a checkpointer service of 10 is 250, against 97 usable."""
+    app = launch("uvicorn", 4, env={"DBPOOL_APP_POOL": "20,40,30", "DBPOOL_APP_CHECKPOINTER_MAX": "0"})
+    workers_seen(app.metrics, 4)  # type: ignore[attr-defined]
+    port = free_port()
+    checkpointer = App([sys.executable, "-c", CHECKPOINTER_SERVICE, pg_dsn, str(port)], {}, tmp_path / "cp.log")
+    try:
+        cp_url = f"http://127.0.0.1:{port}/metrics"
+        wait_for(lambda: "dbpool_max_connections" in get(cp_url), what="the checkpointer service")
+        server = samples(get(app.metrics), "dbpool_pool_info")[0][0]["server"]  # type: ignore[attr-defined]
+        rc = budget.main([app.metrics, cp_url, "--server-max", f"{server}=97"])  # type: ignore[attr-defined]
+        out = capsys.readouterr().out
+        assert rc == budget.OVERCOMMIT, out
+        assert [line.split()[1:5] for line in out.splitlines() if line.startswith(server)] == [
+            ["5", "250", "97", "(--server-max)"]], out
+        rc = budget.main([app.metrics, cp_url, "--server-max", f"{server}=250"])  # type: ignore[attr-defined]
+        assert rc == budget.OK, capsys.readouterr().out
+    finally:
+        checkpointer.stop()
+
+
+# A separate service with one psycopg pool of max 10 (the seed's checkpointer), served on its own port.
+CHECKPOINTER_SERVICE = """
+import sys, time
+from psycopg_pool import ConnectionPool
+import dbpool_exporter
+pool = ConnectionPool(sys.argv[1], min_size=1, max_size=10)
+dbpool_exporter.Exporter().register("checkpointer", pool).start_http_server(int(sys.argv[2]))
+time.sleep(120)
+"""
 
 
 def test_daemon_sidecar_serves_published_pools(launch: Callable[..., App], tmp_path: Path, pg_dsn: str) -> None:

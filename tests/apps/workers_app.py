@@ -1,7 +1,7 @@
 """A service shaped like the incident's, for real uvicorn/gunicorn worker tests (ASGI and WSGI).
 
 Environment: DBPOOL_APP_DSN (libpq URL), DBPOOL_APP_MODE (port | mount | none), DBPOOL_APP_METRICS_PORT,
-DBPOOL_APP_POOL (size,overflow,timeout), DBPOOL_APP_WSGI and DBPOOL_APP_START_AT_IMPORT.
+DBPOOL_APP_POOL (size,overflow,timeout), DBPOOL_APP_CHECKPOINTER_MAX, DBPOOL_APP_WSGI and DBPOOL_APP_START_AT_IMPORT.
 GET /hold?n=K checks out K connections and keeps them (a leak), /release gives them back,
 /work does one quick query, /pid says which worker answered.
 """
@@ -22,6 +22,7 @@ import dbpool_exporter
 DSN = os.environ["DBPOOL_APP_DSN"]
 MODE = os.environ.get("DBPOOL_APP_MODE", "port")
 METRICS_PORT = int(os.environ.get("DBPOOL_APP_METRICS_PORT", "0"))
+CHECKPOINTER_MAX = int(os.environ.get("DBPOOL_APP_CHECKPOINTER_MAX", "2"))  # 0: no checkpointer pool watched
 SIZE, OVERFLOW, TIMEOUT = (float(x) for x in os.environ.get("DBPOOL_APP_POOL", "2,3,2").split(","))
 
 
@@ -46,9 +47,11 @@ async def _lifespan(receive, send) -> None:
         if message["type"] == "lifespan.startup":
             engine = create_async_engine(_url("asyncpg"), pool_size=int(SIZE), max_overflow=int(OVERFLOW),
                                          pool_timeout=TIMEOUT)
-            pool = psycopg_pool.AsyncConnectionPool(DSN, min_size=1, max_size=2, open=False)
+            pool = psycopg_pool.AsyncConnectionPool(DSN, min_size=1, max_size=CHECKPOINTER_MAX or 1, open=False)
             await pool.open()
-            exporter = dbpool_exporter.Exporter().register("app", engine).register("checkpointer", pool)
+            exporter = dbpool_exporter.Exporter().register("app", engine)
+            if CHECKPOINTER_MAX:
+                exporter.register("checkpointer", pool)
             _start(exporter)
             state.update(engine=engine, pool=pool, exporter=exporter, metrics=exporter.asgi_app(), held=[])
             await send({"type": "lifespan.startup.complete"})
