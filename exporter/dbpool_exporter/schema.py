@@ -77,11 +77,8 @@ class Str(Field):
     what: str = "a non-empty string"
     required: bool = False
     max_len: int = 100_000
-    blank_is_unset: bool = False  # the exporter-toolkit's files: "" means not set
 
     def check(self, value: Any, path: str, problems: list[str]) -> Any:
-        if value == "" and self.blank_is_unset:
-            return None
         if not isinstance(value, str) or not value.strip() or len(value) > self.max_len:
             return self.bad(problems, path, f"expected {self.what}, got {kind(value)}")
         return value
@@ -182,6 +179,7 @@ class Section(Field):
 
     fields: Mapping[str, Field] = field(default_factory=dict)
     what: str = "a mapping"
+    unset: tuple[Any, ...] = (None,)  # the exporter-toolkit's files: "" means not set too
 
     def check(self, value: Any, path: str, problems: list[str]) -> Any:
         if not isinstance(value, dict):
@@ -191,7 +189,7 @@ class Section(Field):
                 problems.append(f"{join(path, key)}: unknown key (allowed: {', '.join(self.fields)})")
         out = {}
         for key, spec in self.fields.items():
-            if value.get(key) is None:
+            if value.get(key) in self.unset:
                 if spec.required:
                     problems.append(f"{join(path, key)}: required: {spec.what}")
                 continue

@@ -42,10 +42,10 @@ def load(path: str, limit: int) -> Any:
     try:
         text = read_capped(path, limit).decode("utf-8")
     except TooLarge as e:
-        raise YAMLFileError(f"{path}: cannot read: {e}") from None
+        raise YAMLFileError(f"{path}: cannot read config file: {e}") from None
     except (OSError, UnicodeDecodeError) as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
-        raise YAMLFileError(f"{path}: cannot read: {reason}") from None
+        raise YAMLFileError(f"{path}: cannot read config file: {reason}") from None
     try:
         return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
