@@ -598,6 +598,23 @@ def test_empty_file_and_go_duration_forms(tmp_path):
     assert load_web_config(write(tmp_path, "rate_limit:\n  interval: 0\n")).rate_limit is None
 
 
+def test_every_schema_problem_one_line_each_and_no_aliases(tmp_path):
+    """Types, unknown keys and unknown names are all reported at once; aliases are refused as in the daemon config."""
+    text = ("tls_server_config:\n  min_version: TLS14\n  cipher_suites: [TLS_X, TLS_RSA_WITH_AES_128_CBC_SHA]\n"
+            "http_server_config: {http2: maybe, gzip: true}\nrate_limit: {interval: soon, burst: -1}\n")
+    with pytest.raises(WebConfigError) as info:
+        load_web_config(write(tmp_path, text))
+    assert [p.split(": ")[0] for p in info.value.problems] == [
+        "tls_server_config.min_version", "tls_server_config.cipher_suites[0]", "http_server_config.gzip",
+        "http_server_config.http2", "rate_limit.interval", "rate_limit.burst"]
+    assert str(info.value).count("\n") == 5
+    with pytest.raises(WebConfigError, match="aliases"):
+        load_web_config(write(tmp_path, "x: &h nosniff\nhttp_server_config: {headers: {X-Frame-Options: *h}}\n"))
+    for text in ("25h", "-1s", ".inf"):
+        with pytest.raises(WebConfigError, match="rate_limit.interval: must"):
+            load_web_config(write(tmp_path, f"rate_limit:\n  interval: {text}\n  burst: 1\n"))
+
+
 # --- listen addresses and the server's lifecycle --------------------------------------------------
 
 @pytest.mark.parametrize(("text", "expected"), [
