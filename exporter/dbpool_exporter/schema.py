@@ -76,10 +76,10 @@ class Field:
 class Str(Field):
     what: str = "a non-empty string"
     required: bool = False
-    max_len: int = 100_000
+    max_len: int | None = None
 
     def check(self, value: Any, path: str, problems: list[str]) -> Any:
-        if not isinstance(value, str) or not value.strip() or len(value) > self.max_len:
+        if not isinstance(value, str) or not value.strip() or (self.max_len and len(value) > self.max_len):
             return self.bad(problems, path, f"expected {self.what}, got {kind(value)}")
         return value
 
