@@ -193,7 +193,8 @@ def _sources(key: str, raw: Any, entries: list[Any], defaults: dict[str, Any], n
     """The valid entries of ``servers:`` or ``pgbouncers:``; names are unique across both (they name sources),
     and addresses within each (a second entry for one address would serve every series twice)."""
     duplicate, noun = _WORDING[key]
-    out, seen = [], {}
+    out: list[dict[str, Any]] = []
+    seen: dict[str, str] = {}
     for i, entry in enumerate(entries):
         path = f"{key}[{i}]"
         if entry is INVALID:

@@ -69,4 +69,6 @@ def from_conninfo(conninfo: str, kwargs: dict[str, Any] | None = None) -> tuple[
         params = conninfo_to_dict(conninfo, **(kwargs or {}))
     except Exception:  # an unparsable conninfo leaves the labels out, it never breaks a poll
         return None, None
-    return server_label(params.get("host") or params.get("hostaddr"), params.get("port")), params.get("dbname")
+    dbname = params.get("dbname")
+    return server_label(params.get("host") or params.get("hostaddr"), params.get("port")), \
+        None if dbname is None else str(dbname)
