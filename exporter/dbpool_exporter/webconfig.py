@@ -315,7 +315,7 @@ def _build_ssl_context(t: TLSSettings) -> ssl.SSLContext:
             ctx.set_ciphers(":".join(twelve))
         except ssl.SSLError:
             raise _error(f"{p}.cipher_suites",
-                                 "none of the listed suites is available in this OpenSSL") from None
+                         "none of the listed suites is available in this OpenSSL") from None
     if t.prefer_server_cipher_suites:
         ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
     else:
@@ -341,7 +341,7 @@ def _build_ssl_context(t: TLSSettings) -> ssl.SSLContext:
             raise _error(cert_key, f"cannot load the certificate and key: {_reason(exc)}") from None
         except _EncryptedKey:
             raise _error(key_key, "the private key is encrypted; the toolkit format takes an "
-                                 "unencrypted key") from None
+                         "unencrypted key") from None
     mode = _CLIENT_AUTH[t.client_auth_type]
     assert mode is not None  # refused at parse time
     if mode != ssl.CERT_NONE:
@@ -442,7 +442,7 @@ def _check_hash(name: str, hashed: Any) -> str:
     # Never echo the value: it may be a plain password pasted by mistake.
     if not isinstance(hashed, str) or not _BCRYPT.fullmatch(hashed):
         raise _error(key, "not a bcrypt hash ($2y$, $2a$ or $2b$, 60 characters, e.g. from "
-                             "'htpasswd -nBC 10 \"\" | tr -d :')")
+                     "'htpasswd -nBC 10 \"\" | tr -d :')")
     cost = int(hashed[4:6])
     if not 4 <= cost <= 31:
         raise _error(key, f"bcrypt cost {cost} is outside 4..31")
