@@ -77,9 +77,11 @@ class Str(Field):
     what: str = "a non-empty string"
     required: bool = False
     max_len: int | None = None
+    pattern: str | None = None  # the whole string must match; the value is never quoted back
 
     def check(self, value: Any, path: str, problems: list[str]) -> Any:
-        if not isinstance(value, str) or not value.strip() or (self.max_len and len(value) > self.max_len):
+        if (not isinstance(value, str) or not value.strip() or (self.max_len and len(value) > self.max_len)
+                or (self.pattern and not re.fullmatch(self.pattern, value))):
             return self.bad(problems, path, f"expected {self.what}, got {kind(value)}")
         return value
 
