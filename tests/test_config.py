@@ -206,3 +206,46 @@ def test_subcommands_plug_in_from_their_own_modules(tmp_path: Path, monkeypatch:
     assert "plug_broken is unavailable" in capsys.readouterr().err
     assert main(["hello", "--bogus"]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("1m30s", 90.0), ("1h 30m", 5400.0), ("250ms", 0.25), (" 2 s ", 2.0),
+                                               ("1.5", 1.5), (".5m", 30.0), (7, 7.0), (0.25, 0.25)])
+def test_one_duration_grammar(tmp_path: Path, text: object, seconds: float) -> None:
+    """Go's duration syntax, as the web config reads it, plus bare numbers of seconds."""
+    value = repr(text) if isinstance(text, str) else text
+    config = load_file(_write(tmp_path, f"servers: [{{name: a, dsn: 'postgresql://h/d', interval: {value}}}]"))
+    assert config.servers[0].interval == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("'-1s'", "must be greater than 0, got '-1s'"), ("1s5", "expected a duration"), ("'1d'", "expected a duration"),
+    ("25h", "must be at most 86400 seconds (a day)"), (".nan", "must be greater than 0"),
+])
+def test_bad_durations(tmp_path: Path, value: str, expected: str) -> None:
+    problems = _problems(tmp_path, f"servers: [{{name: a, dsn: 'postgresql://h/d', interval: {value}}}]")
+    assert problems == [f"servers[0].interval: {expected}"] or problems[0].startswith(
+        f"servers[0].interval: {expected}"), problems
+
+
+def test_empty_keys_are_unset_and_aliases_refused(tmp_path: Path) -> None:
+    config = load_file(_write(tmp_path, "defaults:\nconst_labels:\nservers: [{name: a, dsn: 'postgresql://h/d'}]"))
+    assert config.servers[0].interval == 10 and config.const_labels == {}
+    problems = _problems(tmp_path, "x: &dsn 'postgresql://h/d'\nservers: [{name: a, dsn: *dsn}]")
+    assert len(problems) == 1 and problems[0].endswith("invalid YAML: aliases (*name) are not supported"), problems
+
+
+def test_redaction_is_one_function() -> None:
+    """Exact secrets go first (longest first, so a DSN before the password in it), then anything password-like."""
+    from dbpool_exporter.redact import redact, secrets
+
+    dsn = f"postgresql://u:{SECRET}@h/d"
+    hidden = secrets(SECRET, dsn, "abc", None, "")
+    assert hidden == (dsn, SECRET)  # short ones are left to the patterns: blanking them would garble everything
+    assert redact(f"bad {dsn}; pw {SECRET}; host=h password=abc", hidden) == "bad ***; pw ***; host=h password=***"
+
+
+def test_config_module_needs_no_asyncpg() -> None:
+    code = ("import sys; import dbpool_exporter.config as c; "
+            "print(sorted(m for m in ('asyncpg', 'sqlalchemy', 'bcrypt') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True).stdout
+    assert "asyncpg" not in out, out

@@ -532,11 +532,11 @@ BAD = [
     ("bad min_version", "{tls}  min_version: TLS14\n", "tls_server_config.min_version", "unknown TLS version"),
     ("legacy min_version", "{tls}  min_version: TLS10\n", "tls_server_config.min_version", "TLS10"),
     ("min above max", "{tls}  min_version: TLS13\n  max_version: TLS12\n", "tls_server_config.min_version", "above"),
-    ("unknown cipher", "{tls}  cipher_suites: [TLS_RSA_WITH_RC4_128_SHA]\n", "tls_server_config.cipher_suites",
+    ("unknown cipher", "{tls}  cipher_suites: [TLS_RSA_WITH_RC4_128_SHA]\n", "tls_server_config.cipher_suites[0]",
      "unknown cipher suite"),
-    ("3DES cipher", "{tls}  cipher_suites: [TLS_RSA_WITH_3DES_EDE_CBC_SHA]\n", "tls_server_config.cipher_suites",
+    ("3DES cipher", "{tls}  cipher_suites: [TLS_RSA_WITH_3DES_EDE_CBC_SHA]\n", "tls_server_config.cipher_suites[0]",
      "3DES"),
-    ("unknown curve", "{tls}  curve_preferences: [CurveP224]\n", "tls_server_config.curve_preferences", "unknown"),
+    ("unknown curve", "{tls}  curve_preferences: [CurveP224]\n", "tls_server_config.curve_preferences[0]", "unknown"),
     ("two curves", "{tls}  curve_preferences: [X25519, CurveP256]\n", "tls_server_config.curve_preferences", "one"),
     ("sans without required certs", "{tls}  client_auth_type: VerifyClientCertIfGiven\n  client_ca_file: {ca}\n"
      "  client_allowed_sans: [a]\n", "tls_server_config.client_allowed_sans", "RequireAndVerifyClientCert"),
@@ -552,22 +552,23 @@ BAD = [
      "tls_server_config.cert_file", "no PEM certificate"),
     ("CA file not PEM", "{tls}  client_auth_type: RequireAndVerifyClientCert\n  client_ca_file: {dir}/client.ext\n",
      "tls_server_config.client_ca_file", "no usable PEM"),
-    ("section not a mapping", "tls_server_config: [1, 2]\n", "tls_server_config", "must be a mapping"),
+    ("section not a mapping", "tls_server_config: [1, 2]\n", "tls_server_config", "expected a mapping"),
     ("non-bcrypt hash", "basic_auth_users:\n  alice: hunter2\n", "basic_auth_users.alice", "not a bcrypt hash"),
     ("$2x$ hash", "basic_auth_users:\n  alice: '$2x$04$" + "a" * 53 + "'\n", "basic_auth_users.alice",
      "not a bcrypt hash"),
     ("users not a mapping", "basic_auth_users: [alice]\n", "basic_auth_users", "mapping"),
-    ("duplicate user", "basic_auth_users:\n  alice: '{hash}'\n  alice: '{hash}'\n", "alice", "duplicate key"),
+    ("duplicate user", "basic_auth_users:\n  alice: '{hash}'\n  alice: '{hash}'\n", "{path}:3:3",
+     "duplicate key 'alice'"),
     ("colon in user", "basic_auth_users:\n  'a:b': '{hash}'\n", "basic_auth_users.a:b", "':'"),
-    ("header not allowed", "http_server_config:\n  headers:\n    Server: x\n", "http_server_config.headers",
-     "can not be configured"),
+    ("header not allowed", "http_server_config:\n  headers:\n    Server: x\n", "http_server_config.headers.Server",
+     "unknown key"),
     ("bad header value", "http_server_config:\n  headers:\n    X-Frame-Options: allow\n",
-     "http_server_config.headers.X-Frame-Options", "invalid value"),
+     "http_server_config.headers.X-Frame-Options", "unknown value 'allow'"),
     ("http2 not a bool", "http_server_config:\n  http2: maybe\n", "http_server_config.http2", "true or false"),
     ("bad rate interval", "rate_limit:\n  interval: soon\n  burst: 1\n", "rate_limit.interval", "duration"),
-    ("not a mapping", "- tls_server_config\n", "{path}", "must be a mapping"),
-    ("bad YAML", "tls_server_config: [\n", "{path}", "not valid YAML"),
-    ("missing file", None, "{path}", "no such file"),
+    ("not a mapping", "- tls_server_config\n", "{path}", "expected a mapping"),
+    ("bad YAML", "tls_server_config: [\n", "{path}:2:1", "invalid YAML"),
+    ("missing file", None, "{path}", "No such file"),
 ]
 
 
@@ -595,6 +596,23 @@ def test_empty_file_and_go_duration_forms(tmp_path):
         config = load_web_config(write(tmp_path, f"rate_limit:\n  interval: {text}\n  burst: 5\n"))
         assert config.rate_limit == (pytest.approx(seconds), 5)
     assert load_web_config(write(tmp_path, "rate_limit:\n  interval: 0\n")).rate_limit is None
+
+
+def test_every_schema_problem_one_line_each_and_no_aliases(tmp_path):
+    """Types, unknown keys and unknown names are all reported at once; aliases are refused as in the daemon config."""
+    text = ("tls_server_config:\n  min_version: TLS14\n  cipher_suites: [TLS_X, TLS_RSA_WITH_AES_128_CBC_SHA]\n"
+            "http_server_config: {http2: maybe, gzip: true}\nrate_limit: {interval: soon, burst: -1}\n")
+    with pytest.raises(WebConfigError) as info:
+        load_web_config(write(tmp_path, text))
+    assert [p.split(": ")[0] for p in info.value.problems] == [
+        "tls_server_config.min_version", "tls_server_config.cipher_suites[0]", "http_server_config.gzip",
+        "http_server_config.http2", "rate_limit.interval", "rate_limit.burst"]
+    assert str(info.value).count("\n") == 5
+    with pytest.raises(WebConfigError, match="aliases"):
+        load_web_config(write(tmp_path, "x: &h nosniff\nhttp_server_config: {headers: {X-Frame-Options: *h}}\n"))
+    for text in ("25h", "-1s", ".inf"):
+        with pytest.raises(WebConfigError, match="rate_limit.interval: must"):
+            load_web_config(write(tmp_path, f"rate_limit:\n  interval: {text}\n  burst: 1\n"))
 
 
 # --- listen addresses and the server's lifecycle --------------------------------------------------

@@ -51,7 +51,8 @@ def _run(args: argparse.Namespace) -> int:
     try:
         web_config_loader()
     except WebConfigError as e:
-        log.error("--web.config.file: %s", e)
+        for problem in e.problems:
+            log.error("--web.config.file: %s", problem)
         return 2
 
     def loader() -> Config:
@@ -73,7 +74,8 @@ def _run(args: argparse.Namespace) -> int:
         daemon = Daemon(config, loader, listen_address=args.web_listen_address, telemetry_path=telemetry_path,
                         web_config_loader=web_config_loader)
     except WebConfigError as e:  # changed between the check above and now
-        log.error("--web.config.file: %s", e)
+        for problem in e.problems:
+            log.error("--web.config.file: %s", problem)
         return 2
     except OSError as e:
         log.error("--web.listen-address: %s", e.strerror or e)

@@ -9,7 +9,7 @@ import threading
 import time
 from typing import Iterable
 
-from .redact import scrub
+from . import redact
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING, "error": logging.ERROR}
 FORMATS = ("logfmt", "json")
@@ -36,9 +36,7 @@ class _Formatter(logging.Formatter):
         if record.exc_info:
             # A traceback is for a bug in the exporter; keep only its last line, the error itself.
             message += f" exc={record.exc_info[0].__name__ if record.exc_info[0] else ''}: {record.exc_info[1]}"
-        for secret in self.secrets:
-            message = message.replace(secret, "***")
-        message = scrub(message)
+        message = redact.redact(message, self.secrets)
         ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
         level = _NAMES.get(record.levelno, record.levelname.lower())
         if self.fmt == "json":
@@ -69,7 +67,7 @@ def setup(level: str = "info", fmt: str = "logfmt", stream: object = None) -> No
 def set_secrets(values: Iterable[str]) -> None:
     """Exact strings (passwords, DSNs) to blank out of every log line, whatever their quoting."""
     global _secrets
-    _secrets = tuple(sorted({v for v in values if v and len(v) >= 4}, key=len, reverse=True))
+    _secrets = redact.secrets(*values)
     if _handler is not None and isinstance(_handler.formatter, _Formatter):
         _handler.formatter.secrets = _secrets
 

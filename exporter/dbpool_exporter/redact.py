@@ -1,9 +1,9 @@
-"""Derive a password-free ``host:port`` and database name from a URL or libpq conninfo."""
+"""The one redaction (exact secrets, then anything password-like) and password-free facts about a DSN."""
 
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Iterable
 
 _PASSWORD_PATTERNS = (
     re.compile(r"(://[^:/@\s]*:)\S*@"),  # scheme://user:secret@host, up to the last @ (a raw @ in it too)
@@ -17,6 +17,32 @@ def scrub(text: str) -> str:
     for pattern in _PASSWORD_PATTERNS:
         text = pattern.sub(lambda m: m.group(1) + "***" + ("@" if m.group(0).endswith("@") else ""), text)
     return text
+
+
+def secrets(*values: str | None) -> tuple[str, ...]:
+    """Exact strings to blank out, longest first (so a DSN goes before the password inside it).
+
+    Very short ones are left to ``scrub``: replacing them would garble every message and hide nothing.
+    """
+    return tuple(sorted({v for v in values if v and len(v) >= 4}, key=len, reverse=True))
+
+
+def redact(text: str, hidden: Iterable[str] = ()) -> str:
+    """``text`` with each of ``hidden`` (from ``secrets()``) blanked, whatever its quoting, then scrubbed."""
+    for secret in hidden:
+        text = text.replace(secret, "***")
+    return scrub(text)
+
+
+def parse_dsn(dsn: str) -> dict[str, str]:
+    """libpq's parameters of a URI or ``key=value`` conninfo; ``ValueError`` that never quotes the DSN."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        params = {k: str(v) for k, v in conninfo_to_dict(dsn).items()}
+    except Exception:
+        raise ValueError("not a valid PostgreSQL connection string (URI or key=value conninfo)") from None
+    return params
 
 
 def server_label(host: Any, port: Any) -> str | None:
@@ -43,4 +69,6 @@ def from_conninfo(conninfo: str, kwargs: dict[str, Any] | None = None) -> tuple[
         params = conninfo_to_dict(conninfo, **(kwargs or {}))
     except Exception:  # an unparsable conninfo leaves the labels out, it never breaks a poll
         return None, None
-    return server_label(params.get("host") or params.get("hostaddr"), params.get("port")), params.get("dbname")
+    dbname = params.get("dbname")
+    return server_label(params.get("host") or params.get("hostaddr"), params.get("port")), \
+        None if dbname is None else str(dbname)

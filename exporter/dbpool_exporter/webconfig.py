@@ -19,19 +19,20 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import bcrypt
-import yaml
 
+from . import yamlfile
 from .limits import MAX_WEB_CONFIG_BYTES, TooLarge, read_capped
+from .schema import Bool, Choice, ConfigError, Count, Duration, ListOf, Raw, Section, Str, kind
 
 __all__ = ["WebConfig", "WebConfigError", "TLSSettings", "load_web_config"]
 
 
-class WebConfigError(ValueError):
-    """A web config that cannot be used; ``str()`` is one line that starts with the offending key."""
+class WebConfigError(ConfigError):
+    """A web config that cannot be used; each of ``problems`` is one line that starts with the offending key."""
 
-    def __init__(self, key: str, problem: str) -> None:
-        super().__init__(f"{key}: {problem}")
-        self.key = key
+
+def _error(key: str, problem: str) -> WebConfigError:
+    return WebConfigError([f"{key}: {problem}"])
 
 
 # Go's tls.CipherSuites() names (the ones the toolkit accepts) -> OpenSSL names.
@@ -82,19 +83,38 @@ _HEADERS: dict[str, tuple[str, ...]] = {
 }
 
 _BCRYPT = re.compile(r"\$2[aby]\$(\d\d)\$[./A-Za-z0-9]{53}")
-_DURATION_PART = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
-_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 _BCRYPT_MAX_PASSWORD = 72  # bcrypt ignores bytes past 72; the library refuses them, and so do we
 _CACHE_SIZE = 100
 
-_TOP_KEYS = {"tls_server_config", "http_server_config", "basic_auth_users", "rate_limit"}
-_TLS_KEYS = {
-    "cert", "key", "client_ca", "cert_file", "key_file", "client_ca_file", "client_auth_type",
-    "client_allowed_sans", "min_version", "max_version", "cipher_suites", "prefer_server_cipher_suites",
-    "curve_preferences",
-}
-_HTTP_KEYS = {"http2", "headers"}
-_RATE_KEYS = {"interval", "burst"}
+_UNVERIFIED = ("(a client certificate that is not verified) cannot be honoured with Python's ssl; use "
+               "RequireAndVerifyClientCert with client_ca_file")
+_PEM = Str("a string")
+_VERSION = Choice(tuple(_VERSIONS), "TLS version", hint="expected TLS12 or TLS13", refused={
+    v: f"{v} is refused by OpenSSL's security level here; use TLS12 or TLS13" for v in _LEGACY_VERSIONS})
+_TLS = Section({
+    **dict.fromkeys(("cert", "key", "client_ca", "cert_file", "key_file", "client_ca_file"), _PEM),
+    "client_auth_type": Choice(tuple(k for k, v in _CLIENT_AUTH.items() if v is not None), "value", refused={
+        k: f"{k} {_UNVERIFIED}" for k, v in _CLIENT_AUTH.items() if v is None}),
+    "client_allowed_sans": ListOf(Str("a string")),
+    "min_version": _VERSION,
+    "max_version": _VERSION,
+    "cipher_suites": ListOf(Choice((*_TLS12_CIPHERS, *_TLS13_CIPHERS), "cipher suite", refused={
+        c: f"{c} (3DES) is not available in this OpenSSL" for c in _UNAVAILABLE_CIPHERS},
+        hint="use Go's names, e.g. TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256")),
+    "prefer_server_cipher_suites": Bool(),
+    "curve_preferences": ListOf(Choice(tuple(_CURVES), "curve")),
+}, unset=(None, ""))
+SCHEMA = Section({
+    "tls_server_config": _TLS,
+    # "unset if blank", as the toolkit says; a value must not be able to start a second header
+    "http_server_config": Section({"http2": Bool(), "headers": Section({
+        name: Choice(values, "value") if values else Str("a single-line ASCII string", pattern=r"[\x20-\x7e\t]+")
+        for name, values in _HEADERS.items()}, unset=(None, ""))}),
+    "basic_auth_users": Raw(),
+    # Go reads a bare number as nanoseconds.
+    "rate_limit": Section({"interval": Duration("a duration like '1s', '250ms' or '1m30s'", plain=1e-9,
+                                                positive=False), "burst": Count(0)}),
+})
 
 
 @dataclass(frozen=True)
@@ -223,120 +243,68 @@ class WebConfig:
 
 
 def load_web_config(path: str) -> WebConfig:
-    """Read and validate an exporter-toolkit web config file; raises ``WebConfigError`` (one line)."""
+    """Read and validate an exporter-toolkit web config file; raises ``WebConfigError``, one line per problem."""
     try:
-        text = read_capped(path, MAX_WEB_CONFIG_BYTES).decode("utf-8")
-    except FileNotFoundError:
-        raise WebConfigError(path, "no such file") from None
-    except TooLarge as exc:
-        raise WebConfigError(path, str(exc)) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise WebConfigError(path, f"cannot read: {_reason(exc)}") from None
-    try:
-        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
-    except WebConfigError:
-        raise
-    except yaml.MarkedYAMLError as exc:
-        # Only problem and position: the default message quotes the source line, which may hold a key.
-        mark = exc.problem_mark
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise WebConfigError(path, f"not valid YAML: {exc.problem or exc.context}{where}") from None
-    except yaml.YAMLError as exc:
-        raise WebConfigError(path, f"not valid YAML: {type(exc).__name__}") from None
+        data = yamlfile.load(path, MAX_WEB_CONFIG_BYTES)
+    except yamlfile.YAMLFileError as e:
+        raise WebConfigError([str(e)]) from None
     if data is None:
         data = {}  # an empty file is valid for the toolkit: plain HTTP, no auth
     if not isinstance(data, dict):
-        raise WebConfigError(path, f"must be a mapping of settings, got {_kind(data)}")
-    return _from_mapping(data, path)
-
-
-def _from_mapping(data: dict[Any, Any], path: str) -> WebConfig:
-    _known(data, _TOP_KEYS, "")
-    base = os.path.dirname(os.path.abspath(path))
-    tls = _parse_tls(_section(data, "tls_server_config"), base)
-    http = _section(data, "http_server_config")
-    _known(http, _HTTP_KEYS, "http_server_config")
-    http2 = _bool(http, "http2", "http_server_config", default=True)
-    headers = _parse_headers(http.get("headers"))
-    users = _parse_users(data.get("basic_auth_users"))
-    rate = _parse_rate_limit(_section(data, "rate_limit"))
-    config = WebConfig(path=path, tls=tls, http2=http2, headers=headers, users=users, rate_limit=rate)
+        raise _error(path, f"expected a mapping of settings, got {kind(data)}")
+    problems: list[str] = []
+    top = SCHEMA.check(data, "", problems)
+    if problems:
+        raise WebConfigError(problems)
+    http, rate = top.get("http_server_config", {}), top.get("rate_limit", {})
+    interval, burst = rate.get("interval", 0.0), rate.get("burst", 0)
+    if interval and burst < 1:
+        raise _error("rate_limit.burst", "must be at least 1 when interval is set (0 would refuse every request)")
+    tls = _tls(top.get("tls_server_config", {}), os.path.dirname(os.path.abspath(path)))
+    config = WebConfig(path=path, tls=tls, http2=http.get("http2", True), headers=http.get("headers"),
+                       users=_parse_users(data.get("basic_auth_users")),
+                       rate_limit=(interval, burst) if interval else None)
     config.ssl_context()  # load certificates now, so a bad file fails at start, not at the first scrape
     return config
 
 
-def _parse_tls(section: dict[Any, Any], base: str) -> TLSSettings | None:
+def _tls(t: dict[str, Any], base: str) -> TLSSettings | None:
+    """``tls_server_config`` as checked by the schema, and the rules across its keys."""
     p = "tls_server_config"
-    _known(section, _TLS_KEYS, p)
-    cert_file = _path(section, "cert_file", base)
-    key_file = _path(section, "key_file", base)
-    ca_file = _path(section, "client_ca_file", base)
-    cert = _str(section, "cert", p)
-    key = _str(section, "key", p)
-    ca = _str(section, "client_ca", p)
-    auth = _str(section, "client_auth_type", p)
+    for key in ("cert_file", "key_file", "client_ca_file"):
+        if key in t:  # relative to the config file's directory, like the toolkit's config_util.JoinDir
+            t[key] = os.path.join(base, t[key])
     # The toolkit turns TLS on when any of these is set (TLSConfig.IsEnabled).
-    if not any((cert_file, key_file, ca_file, cert, key, ca, auth)):
-        leftover = sorted(str(k) for k, v in section.items() if v not in (None, "", []))
+    if not t.keys() & {"cert", "key", "client_ca", "cert_file", "key_file", "client_ca_file", "client_auth_type"}:
+        leftover = sorted(k for k, v in t.items() if v != [])
         if leftover:
-            raise WebConfigError(f"{p}.{leftover[0]}", "has no effect without cert_file/cert and key_file/key")
+            raise _error(f"{p}.{leftover[0]}", "has no effect without cert_file/cert and key_file/key")
         return None
-    for inline, file in (("cert", cert_file), ("key", key_file), ("client_ca", ca_file)):
-        if section.get(inline) and file:
-            raise WebConfigError(f"{p}.{inline}", f"set either {inline} or {inline}_file, not both")
-    if not (cert or cert_file):
-        raise WebConfigError(f"{p}.cert_file", "missing: TLS needs cert_file (or cert)")
-    if not (key or key_file):
-        raise WebConfigError(f"{p}.key_file", "missing: TLS needs key_file (or key)")
-    auth = auth or "NoClientCert"
-    if auth not in _CLIENT_AUTH:
-        raise WebConfigError(f"{p}.client_auth_type",
-                             f"unknown value {auth!r}; expected one of {', '.join(_CLIENT_AUTH)}")
-    if _CLIENT_AUTH[auth] is None:
-        raise WebConfigError(f"{p}.client_auth_type", f"{auth} (a client certificate that is not verified) "
-                             "cannot be honoured with Python's ssl; use RequireAndVerifyClientCert with client_ca_file")
-    if (ca or ca_file) and auth == "NoClientCert":
-        raise WebConfigError(f"{p}.client_auth_type", "client CAs are set but client_auth_type is NoClientCert")
-    sans = _str_list(section, "client_allowed_sans", p) if section.get("client_allowed_sans") is not None else None
-    if sans is not None and auth != "RequireAndVerifyClientCert":
-        raise WebConfigError(f"{p}.client_allowed_sans", "needs client_auth_type RequireAndVerifyClientCert")
-    versions = {}
-    for name, default in (("min_version", "TLS12"), ("max_version", "TLS13")):
-        value = _str(section, name, p) or default
-        if value in _LEGACY_VERSIONS:
-            raise WebConfigError(f"{p}.{name}",
-                                 f"{value} is refused by OpenSSL's security level here; use TLS12 or TLS13")
-        if value not in _VERSIONS:
-            raise WebConfigError(f"{p}.{name}", f"unknown TLS version {value!r}; expected TLS12 or TLS13")
-        versions[name] = value
-    if _VERSIONS[versions["min_version"]] > _VERSIONS[versions["max_version"]]:
-        raise WebConfigError(f"{p}.min_version", f"{versions['min_version']} is above max_version "
-                             f"{versions['max_version']}")
-    ciphers = tuple(_str_list(section, "cipher_suites", p))
-    for name in ciphers:
-        if name in _UNAVAILABLE_CIPHERS:
-            raise WebConfigError(f"{p}.cipher_suites", f"{name} (3DES) is not available in this OpenSSL")
-        if name not in _TLS12_CIPHERS and name not in _TLS13_CIPHERS:
-            raise WebConfigError(f"{p}.cipher_suites", f"unknown cipher suite {name!r} (use Go's names, "
-                                 "e.g. TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256)")
-    if ciphers and not any(c in _TLS12_CIPHERS for c in ciphers) and versions["min_version"] == "TLS12":
-        raise WebConfigError(f"{p}.cipher_suites", "lists only TLS 1.3 suites, which cannot be configured; "
-                             "list TLS 1.2 suites or set min_version: TLS13")
-    curves = tuple(_str_list(section, "curve_preferences", p))
-    for name in curves:
-        if name not in _CURVES:
-            raise WebConfigError(f"{p}.curve_preferences",
-                                 f"unknown curve {name!r}; expected one of {', '.join(_CURVES)}")
+    for inline in ("cert", "key", "client_ca"):
+        if inline in t and f"{inline}_file" in t:
+            raise _error(f"{p}.{inline}", f"set either {inline} or {inline}_file, not both")
+    for inline in ("cert", "key"):
+        if not t.keys() & {inline, f"{inline}_file"}:
+            raise _error(f"{p}.{inline}_file", f"missing: TLS needs {inline}_file (or {inline})")
+    auth = t.setdefault("client_auth_type", "NoClientCert")
+    if t.keys() & {"client_ca", "client_ca_file"} and auth == "NoClientCert":
+        raise _error(f"{p}.client_auth_type", "client CAs are set but client_auth_type is NoClientCert")
+    if "client_allowed_sans" in t and auth != "RequireAndVerifyClientCert":
+        raise _error(f"{p}.client_allowed_sans", "needs client_auth_type RequireAndVerifyClientCert")
+    low, high = t.setdefault("min_version", "TLS12"), t.setdefault("max_version", "TLS13")
+    if _VERSIONS[low] > _VERSIONS[high]:
+        raise _error(f"{p}.min_version", f"{low} is above max_version {high}")
+    ciphers = t["cipher_suites"] = tuple(t.get("cipher_suites", ()))
+    if ciphers and not any(c in _TLS12_CIPHERS for c in ciphers) and low == "TLS12":
+        raise _error(f"{p}.cipher_suites", "lists only TLS 1.3 suites, which cannot be configured; "
+                     "list TLS 1.2 suites or set min_version: TLS13")
+    curves = t["curve_preferences"] = tuple(t.get("curve_preferences", ()))
     if len(curves) > 1:
-        raise WebConfigError(f"{p}.curve_preferences", f"Python's ssl can restrict the handshake to one curve "
-                             f"only; got {', '.join(curves)}")
-    return TLSSettings(
-        cert_file=cert_file, key_file=key_file, client_ca_file=ca_file, cert=cert, key=key, client_ca=ca,
-        client_auth_type=auth, client_allowed_sans=tuple(sans) if sans is not None else None,
-        min_version=versions["min_version"], max_version=versions["max_version"], cipher_suites=ciphers,
-        prefer_server_cipher_suites=_bool(section, "prefer_server_cipher_suites", p, default=True),
-        curve_preferences=curves,
-    )
+        raise _error(f"{p}.curve_preferences", f"Python's ssl can restrict the handshake to one curve "
+                     f"only; got {', '.join(curves)}")
+    if "client_allowed_sans" in t:
+        t["client_allowed_sans"] = tuple(t["client_allowed_sans"])
+    return TLSSettings(**t)
 
 
 def _build_ssl_context(t: TLSSettings) -> ssl.SSLContext:
@@ -349,8 +317,8 @@ def _build_ssl_context(t: TLSSettings) -> ssl.SSLContext:
         try:
             ctx.set_ciphers(":".join(twelve))
         except ssl.SSLError:
-            raise WebConfigError(f"{p}.cipher_suites",
-                                 "none of the listed suites is available in this OpenSSL") from None
+            raise _error(f"{p}.cipher_suites",
+                         "none of the listed suites is available in this OpenSSL") from None
     if t.prefer_server_cipher_suites:
         ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
     else:
@@ -362,21 +330,21 @@ def _build_ssl_context(t: TLSSettings) -> ssl.SSLContext:
     cert_pem = _read_pem(t.cert_file, cert_key) if t.cert_file else (t.cert or "")
     key_pem = _read_pem(t.key_file, key_key) if t.key_file else (t.key or "")
     if "-----BEGIN CERTIFICATE-----" not in cert_pem:
-        raise WebConfigError(cert_key, "no PEM certificate found")
+        raise _error(cert_key, "no PEM certificate found")
     if not re.search(r"-----BEGIN [A-Z ]*PRIVATE KEY-----", key_pem):
-        raise WebConfigError(key_key, "no PEM private key found")
+        raise _error(key_key, "no PEM private key found")
     if "ENCRYPTED" in key_pem:
-        raise WebConfigError(key_key, "the private key is encrypted; the toolkit format takes an unencrypted key")
+        raise _error(key_key, "the private key is encrypted; the toolkit format takes an unencrypted key")
     with _pem_path(cert_pem) as cert_path, _pem_path(key_pem) as key_path:
         try:
             ctx.load_cert_chain(cert_path, key_path, password=_no_password)
         except ssl.SSLError as exc:
             if "KEY_VALUES_MISMATCH" in str(exc):
-                raise WebConfigError(key_key, "the private key does not match the certificate") from None
-            raise WebConfigError(cert_key, f"cannot load the certificate and key: {_reason(exc)}") from None
+                raise _error(key_key, "the private key does not match the certificate") from None
+            raise _error(cert_key, f"cannot load the certificate and key: {_reason(exc)}") from None
         except _EncryptedKey:
-            raise WebConfigError(key_key, "the private key is encrypted; the toolkit format takes an "
-                                 "unencrypted key") from None
+            raise _error(key_key, "the private key is encrypted; the toolkit format takes an "
+                         "unencrypted key") from None
     mode = _CLIENT_AUTH[t.client_auth_type]
     assert mode is not None  # refused at parse time
     if mode != ssl.CERT_NONE:
@@ -390,7 +358,7 @@ def _build_ssl_context(t: TLSSettings) -> ssl.SSLContext:
                 # Go verifies against the system roots when no client CA is given.
                 ctx.load_default_certs(ssl.Purpose.CLIENT_AUTH)
         except (ssl.SSLError, ValueError) as exc:
-            raise WebConfigError(ca_key, f"no usable PEM CA certificate: {_reason(exc)}") from None
+            raise _error(ca_key, f"no usable PEM CA certificate: {_reason(exc)}") from None
         ctx.verify_mode = mode
     return ctx
 
@@ -429,31 +397,11 @@ def _read_pem(path: str, key: str) -> str:
     try:
         return read_capped(path, MAX_WEB_CONFIG_BYTES).decode("ascii", errors="replace")
     except FileNotFoundError:
-        raise WebConfigError(key, f"no such file: {path}") from None
+        raise _error(key, f"no such file: {path}") from None
     except TooLarge as exc:
-        raise WebConfigError(key, f"{path}: {exc}") from None
+        raise _error(key, f"{path}: {exc}") from None
     except OSError as exc:
-        raise WebConfigError(key, f"cannot read {path}: {_reason(exc)}") from None
-
-
-def _parse_headers(value: Any) -> dict[str, str]:
-    p = "http_server_config.headers"
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise WebConfigError(p, f"must be a mapping of header: value, got {_kind(value)}")
-    headers = {}
-    for name, v in value.items():
-        if name not in _HEADERS:
-            raise WebConfigError(p, f"header {name!r} can not be configured; allowed: {', '.join(_HEADERS)}")
-        if v is None or v == "":
-            continue  # "unset if blank"
-        if not isinstance(v, str) or "\r" in v or "\n" in v or not v.isascii():
-            raise WebConfigError(f"{p}.{name}", "must be a single-line ASCII string")
-        if _HEADERS[name] and v not in _HEADERS[name]:
-            raise WebConfigError(f"{p}.{name}", f"invalid value {v!r}; expected one of {', '.join(_HEADERS[name])}")
-        headers[name] = v
-    return headers
+        raise _error(key, f"cannot read {path}: {_reason(exc)}") from None
 
 
 def _parse_users(value: Any) -> dict[str, str]:
@@ -461,13 +409,13 @@ def _parse_users(value: Any) -> dict[str, str]:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise WebConfigError(p, f"must be a mapping of user: bcrypt hash, got {_kind(value)}")
+        raise _error(p, f"expected a mapping of user: bcrypt hash, got {kind(value)}")
     users = {}
     for name, hashed in value.items():
         if not isinstance(name, str):
-            raise WebConfigError(p, f"user name {name!r} must be a string")
+            raise _error(p, f"user name {name!r} must be a string")
         if ":" in name:
-            raise WebConfigError(f"{p}.{name}", "a user name with ':' could never log in with basic auth")
+            raise _error(f"{p}.{name}", "a user name with ':' could never log in with basic auth")
         users[name] = _check_hash(name, hashed)
     return users
 
@@ -476,43 +424,12 @@ def _check_hash(name: str, hashed: Any) -> str:
     key = f"basic_auth_users.{name}"
     # Never echo the value: it may be a plain password pasted by mistake.
     if not isinstance(hashed, str) or not _BCRYPT.fullmatch(hashed):
-        raise WebConfigError(key, "not a bcrypt hash ($2y$, $2a$ or $2b$, 60 characters, e.g. from "
-                             "'htpasswd -nBC 10 \"\" | tr -d :')")
+        raise _error(key, "not a bcrypt hash ($2y$, $2a$ or $2b$, 60 characters, e.g. from "
+                     "'htpasswd -nBC 10 \"\" | tr -d :')")
     cost = int(hashed[4:6])
     if not 4 <= cost <= 31:
-        raise WebConfigError(key, f"bcrypt cost {cost} is outside 4..31")
+        raise _error(key, f"bcrypt cost {cost} is outside 4..31")
     return hashed
-
-
-def _parse_rate_limit(section: dict[Any, Any]) -> tuple[float, int] | None:
-    p = "rate_limit"
-    _known(section, _RATE_KEYS, p)
-    interval = _duration(section.get("interval", 0), f"{p}.interval")
-    burst = section.get("burst", 0)
-    if isinstance(burst, bool) or not isinstance(burst, int) or burst < 0:
-        raise WebConfigError(f"{p}.burst", f"must be a non-negative integer, got {burst!r}")
-    if interval == 0:
-        return None
-    if burst < 1:
-        raise WebConfigError(f"{p}.burst", "must be at least 1 when interval is set (0 would refuse every request)")
-    return interval, burst
-
-
-def _duration(value: Any, key: str) -> float:
-    """Seconds from a Go duration ("1m30s", "250ms") or an integer of nanoseconds, as Go's YAML reads it."""
-    if isinstance(value, bool):
-        raise WebConfigError(key, f"must be a duration like 1s or 250ms, got {value!r}")
-    if isinstance(value, int):
-        seconds = value * 1e-9
-    elif isinstance(value, str) and value == "0":
-        seconds = 0.0
-    elif isinstance(value, str) and value and _DURATION_PART.sub("", value) == "":
-        seconds = sum(float(n) * _DURATION_UNITS[u] for n, u in _DURATION_PART.findall(value))
-    else:
-        raise WebConfigError(key, f"must be a duration like 1s or 250ms, got {value!r}")
-    if seconds < 0:
-        raise WebConfigError(key, "must not be negative")
-    return seconds
 
 
 def _parse_basic(header: str | None) -> tuple[bytes, bytes] | None:
@@ -535,76 +452,6 @@ def _normalise_san(value: str) -> str:
         return str(ipaddress.ip_address(value.strip()))
     except ValueError:
         return value
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys, as Go's yaml.UnmarshalStrict does (PyYAML keeps the last)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue  # merged keys may be overridden, as YAML intends
-            key = self.construct_object(key_node, deep=deep)
-            with contextlib.suppress(TypeError):
-                if key in seen:
-                    raise WebConfigError(str(key), f"duplicate key at line {key_node.start_mark.line + 1}")
-                seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-def _section(data: dict[Any, Any], key: str) -> dict[Any, Any]:
-    value = data.get(key)
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise WebConfigError(key, f"must be a mapping, got {_kind(value)}")
-    return value
-
-
-def _known(section: dict[Any, Any], allowed: set[str], prefix: str) -> None:
-    for key in section:
-        if key not in allowed:
-            where = f"{prefix}.{key}" if prefix else str(key)
-            raise WebConfigError(where, f"unknown key (expected one of {', '.join(sorted(allowed))})")
-
-
-def _str(section: dict[Any, Any], key: str, prefix: str) -> str | None:
-    value = section.get(key)
-    if value is None or value == "":
-        return None
-    if not isinstance(value, str):
-        raise WebConfigError(f"{prefix}.{key}", f"must be a string, got {_kind(value)}")
-    return value
-
-
-def _path(section: dict[Any, Any], key: str, base: str) -> str | None:
-    value = _str(section, key, "tls_server_config")
-    # Relative to the config file's directory, like the toolkit's config_util.JoinDir.
-    return os.path.join(base, value) if value else None
-
-
-def _str_list(section: dict[Any, Any], key: str, prefix: str) -> list[str]:
-    value = section.get(key)
-    if value is None:
-        return []
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise WebConfigError(f"{prefix}.{key}", "must be a list of strings")
-    return value
-
-
-def _bool(section: dict[Any, Any], key: str, prefix: str, *, default: bool) -> bool:
-    value = section.get(key)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise WebConfigError(f"{prefix}.{key}", f"must be true or false, got {value!r}")
-    return value
-
-
-def _kind(value: Any) -> str:
-    return {dict: "a mapping", list: "a list", str: "a string", int: "a number", float: "a number",
-            bool: "a boolean"}.get(type(value), type(value).__name__)
 
 
 def _reason(exc: BaseException) -> str:

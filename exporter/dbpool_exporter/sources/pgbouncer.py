@@ -12,7 +12,7 @@ from decimal import Decimal
 from typing import Any, Awaitable, Iterable, Mapping, TypeVar
 
 from ..families import Families
-from ..redact import scrub, server_label
+from ..redact import parse_dsn, redact, secrets, server_label
 from ..snapshot import PoolSnapshot
 from .postgres import APPLICATION_NAME, OTHER, ServerUnavailable, sanitize
 
@@ -346,12 +346,7 @@ def connect_params(dsn: str) -> dict[str, str]:
 
     Raises ``ValueError`` with a message that never quotes the DSN.
     """
-    from psycopg.conninfo import conninfo_to_dict
-
-    try:
-        params = {k: str(v) for k, v in conninfo_to_dict(dsn).items()}
-    except Exception:
-        raise ValueError("not a valid PostgreSQL connection string (URI or key=value conninfo)") from None
+    params = parse_dsn(dsn)
     dbname = params.setdefault("dbname", ADMIN_DATABASE)
     if dbname != ADMIN_DATABASE:
         raise ValueError(f"dbname must be {ADMIN_DATABASE!r} (PgBouncer's admin console), got {sanitize(dbname)!r}")
@@ -377,7 +372,7 @@ class PgBouncerSource:
         self._params = connect_params(dsn)
         self.pgbouncer = server_label(self._params.get("host") or self._params.get("hostaddr"),
                                       self._params.get("port")) or ""
-        self._secrets = tuple(s for s in (dsn, self._params.get("password")) if s and len(s) >= 4)
+        self._secrets = secrets(dsn, self._params.get("password"))
         self._conn: Any = None  # psycopg.AsyncConnection
         self._version = ""
         self._failures = 0
@@ -385,9 +380,7 @@ class PgBouncerSource:
         self._connect_error = ""
 
     def _redact(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        return scrub(text)
+        return redact(text, self._secrets)
 
     @staticmethod
     def _detail(e: BaseException) -> str:

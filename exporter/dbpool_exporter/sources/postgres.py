@@ -15,7 +15,7 @@ from urllib.parse import urlencode
 import asyncpg
 
 from ..families import Families
-from ..redact import scrub, server_label
+from ..redact import parse_dsn, redact, secrets, server_label
 
 APPLICATION_NAME = "dbpool-exporter"
 
@@ -200,12 +200,7 @@ def connect_params(dsn: str) -> tuple[str, dict[str, str]]:
     pools' does; asyncpg only reads URIs, so the parsed parameters are re-encoded as URI query parameters.
     Raises ``ValueError`` with a message that never quotes the DSN.
     """
-    from psycopg.conninfo import conninfo_to_dict
-
-    try:
-        params = {k: str(v) for k, v in conninfo_to_dict(dsn).items()}
-    except Exception:
-        raise ValueError("not a valid PostgreSQL connection string (URI or key=value conninfo)") from None
+    params = parse_dsn(dsn)
     # asyncpg would send any parameter it does not know as a server setting, and the server would refuse
     # libpq's client-side ones; application_name is ours, the timeouts come from the config.
     wire = {k: v for k, v in params.items() if k not in LIBPQ_CLIENT_ONLY}
@@ -234,8 +229,7 @@ class PostgresSource:
         self.server = server_label(params.get("host") or params.get("hostaddr"), params.get("port")) or ""
         self.database = params.get("dbname")
         # Errors are scrubbed generically by the poller; this also catches the exact secret, whatever quoting.
-        # (Very short secrets are skipped: replacing them would garble every message and hide nothing.)
-        self._secrets = tuple(s for s in (dsn, self._dsn, params.get("password")) if s and len(s) >= 4)
+        self._secrets = secrets(dsn, self._dsn, params.get("password"))
         self._conn: asyncpg.Connection | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._capacity: dict[str, int] = {}
@@ -246,9 +240,7 @@ class PostgresSource:
         self._closed = False
 
     def _redact(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        return scrub(text)
+        return redact(text, self._secrets)
 
     async def _connect(self) -> asyncpg.Connection:
         if self._conn is not None and not self._conn.is_closed():
