@@ -1,9 +1,14 @@
-"""Event-level pool truth (acquire wait, hold time, peaks, leaks) with a tiny hot path.
+"""Event-level pool truth (acquire wait, hold time, peaks, leaks, holding sites) with a tiny hot path.
 
-The host application's checkout path only appends floats to deques and updates a dict; folding
-those into histograms, computing peaks and looking for leaks happens in ``fold()``, which the
-scheduler calls from the poll job, off the hot path. ``deque.append``/``popleft``, ``dict``
-item assignment and ``pop`` are atomic under the GIL, so no lock is taken while the host waits.
+The host application's checkout path only appends floats to deques and updates a dict and a set;
+folding those into histograms, computing peaks, attributing holders to sites and looking for leaks
+happens in ``fold()``, which the scheduler calls from the poll job, off the hot path.
+``deque.append``/``popleft``, ``set.add``/``discard``, ``dict`` item assignment and ``pop`` are
+atomic under the GIL, so no lock is taken while the host waits.
+
+Checkout sites (the application code that took a connection) are captured only while the pool
+is busy: at least half its connections out, or one held longer than ``site_age``. A quiet pool
+pays one comparison per checkout; a pool heading for exhaustion, or a leak, names its holders.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from dataclasses import dataclass
 from types import CodeType, FrameType
 from typing import Sequence
 
+from . import sites as _sites
 from .snapshot import Histogram
 
 log = logging.getLogger("dbpool_exporter.leaks")
@@ -32,13 +38,17 @@ HOLD_BUCKETS: tuple[float, ...] = (
     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0,
 )
 _STACK_DEPTH = 24
+# A checkout held this long (seconds) opens site capture for every checkout, so a slow leak in a
+# quiet pool is attributed from its second connection on.
+SITE_AGE = 10.0
 _now = time.perf_counter  # a module global is found faster than time.perf_counter
 
 
 @dataclass(frozen=False, slots=True)
 class _Checkout:
     started: float
-    stack: tuple[tuple[CodeType, int], ...] | None
+    site: tuple[CodeType, int] | None
+    stack: tuple[tuple[CodeType, int], ...] | None = None
     reported: bool = False
 
 
@@ -81,10 +91,14 @@ class Recorder:
         leak_threshold: float | None = None,
         peak_window: float = 60.0,
         pool_name: str = "",
+        sites: int = 5,
+        site_age: float = SITE_AGE,
     ) -> None:
         self.waits: deque[float] = deque()
         self.holds: deque[float] = deque()
-        self.waiting: deque[None] = deque()  # one entry per caller inside acquire
+        # The start time of each caller inside acquire; two callers starting in the same clock
+        # tick share an entry, which undercounts waiters by one for that instant only.
+        self.waiting: set[float] = set()
         # The pool's limit, kept current by the source: a caller inside acquire only waits
         # for the pool when every connection up to this limit is already out.
         self._capacity: float = float("inf")
@@ -99,6 +113,10 @@ class Recorder:
         self.leak_threshold = leak_threshold
         self.peak_window = peak_window
         self.pool_name = pool_name
+        self.sites = max(0, int(sites))
+        self.site_age = site_age
+        # The hooks capture a checkout's site when len(out) >= site_gate; fold() keeps it current.
+        self.site_gate: float = 0.0 if leak_threshold is not None else float("inf")
         self._wait_hist = _Folded(wait_buckets)
         self._hold_hist = _Folded(hold_buckets)
         self._peaks: deque[tuple[float, int, int]] = deque()
@@ -112,14 +130,16 @@ class Recorder:
     def capacity(self, value: float) -> None:
         self._capacity = value
         self.peak_gate = value + self.waiting_peak
+        self._open_site_gate(0.0)
 
     # --- hot path -------------------------------------------------------------------------
     # The sources' acquire hooks do the bookkeeping inline (a Python call is a sizeable share of a
-    # checkout: bench/checkout.py): on entry append to ``waiting`` and raise the waiting peak past
-    # ``peak_gate``; on success pop ``waiting``, append the wait, store ``out[key]`` (a start time,
-    # or ``checkout(now)`` with leak detection) and raise ``out_peak``. A change here goes there too.
+    # checkout: bench/checkout.py): on entry add the start time to ``waiting`` and raise the waiting
+    # peak past ``peak_gate``; on success discard it from ``waiting``, append the wait, store
+    # ``out[key]`` (a start time, or ``checkout(now)`` once ``len(out)`` reaches ``site_gate``) and
+    # raise ``out_peak``. A change here goes there too.
     def acquire_failed(self, started: float, timed_out: bool) -> None:
-        self.waiting.pop()
+        self.waiting.discard(started)
         if timed_out:
             self.waits.append(_now() - started)
             self.timeouts.append(None)
@@ -139,8 +159,12 @@ class Recorder:
         self.peak_gate = self._capacity + self.waiting_peak
 
     def checkout(self, now: float) -> _Checkout:
-        """The leak-detection record of a checkout; called by the hook, so the stack skips it."""
-        return _Checkout(now, _capture_stack())
+        """A checkout with its site (and stack, with leak detection); called by the hook, so both skip it."""
+        if self.leak_threshold is None:
+            return _Checkout(now, _sites.capture(2))
+        stack = _capture_stack()
+        site = _sites.first_in(stack)
+        return _Checkout(now, site if site is not None else _sites.capture(2), stack)
 
     def released_checkout(self, checkout: _Checkout) -> None:
         held = _now() - checkout.started
@@ -170,6 +194,8 @@ class Recorder:
         oldest = max((now - _started(c) for c in checkouts), default=0.0)
         if self.leak_threshold is not None:
             self._report_leaks([c for c in checkouts if c.__class__ is _Checkout], now)
+        first_waiter = min(self.waiting, default=None)
+        self._open_site_gate(oldest)
         return {
             "acquire_wait": self._wait_hist.snapshot(),
             "hold": self._hold_hist.snapshot(),
@@ -178,8 +204,39 @@ class Recorder:
             "checked_out_peak": max(p[1] for p in peaks),
             "pending_peak": max(p[2] for p in peaks),
             "oldest_checkout_age": oldest,
+            "oldest_pending_age": max(0.0, now - first_waiter) if first_waiter is not None else 0.0,
             "leaks": self.leaks if self.leak_threshold is not None else None,
+            "sites": self._top_sites(checkouts, now) if self.sites else None,
         }
+
+    def _open_site_gate(self, oldest: float) -> None:
+        if self.leak_threshold is not None or (self.sites and oldest > self.site_age):
+            self.site_gate = 0.0
+        elif self.sites:
+            self.site_gate = self._capacity / 2  # inf for an unbounded pool: only age opens it
+        else:
+            self.site_gate = float("inf")
+
+    def _top_sites(self, checkouts: list[float | _Checkout], now: float) -> tuple[tuple[str, int, float], ...]:
+        """(site, connections held, oldest age) for the top ``sites`` sites by count, then ``other``.
+
+        ``other`` also holds checkouts taken while the pool was quiet, whose site was not captured.
+        """
+        held: dict[str, list[float]] = {}  # label -> [count, oldest age]
+        other = [0, 0.0]
+        for c in checkouts:
+            if c.__class__ is _Checkout and c.site is not None:  # type: ignore[union-attr]
+                entry = held.setdefault(_sites.label(c.site), [0, 0.0])  # type: ignore[union-attr]
+            else:
+                entry = other
+            entry[0] += 1
+            entry[1] = max(entry[1], now - _started(c))
+        ranked = sorted(held.items(), key=lambda item: (-item[1][0], -item[1][1], item[0]))
+        for _, (count, age) in ranked[self.sites:]:
+            other[0] += count
+            other[1] = max(other[1], age)
+        top = [(site, int(count), age) for site, (count, age) in ranked[: self.sites]]
+        return (*top, (_sites.OTHER, int(other[0]), other[1]))
 
     def blocked(self) -> int:
         """Callers inside acquire beyond the pool's limit: those waiting for a connection."""
@@ -211,35 +268,13 @@ def _capture_stack() -> tuple[tuple[CodeType, int], ...]:
         if frame is None:
             # SQLAlchemy's asyncio layer runs the pool inside a greenlet whose stack ends at
             # greenlet_spawn; the application's coroutines are on the parent greenlet's stack.
-            frame = _parent_greenlet_frame(hops)
+            frame = _sites.parent_greenlet_frame(hops)
             hops += 1
             if frame is None:
                 break
         stack.append((frame.f_code, frame.f_lasti))
         frame = frame.f_back
     return tuple(stack)
-
-
-def _parent_greenlet_frame(hops: int) -> FrameType | None:
-    greenlet = sys.modules.get("greenlet")
-    if greenlet is None:
-        return None
-    current = greenlet.getcurrent()
-    for _ in range(hops + 1):
-        current = current.parent
-        if current is None:
-            return None
-    return current.gr_frame
-
-
-def _lineno(code: CodeType, lasti: int) -> int | None:
-    """What ``frame.f_lineno`` said at bytecode offset ``lasti``."""
-    if lasti < 0:
-        return code.co_firstlineno
-    for start, end, line in code.co_lines():
-        if start <= lasti < end:
-            return line
-    return None
 
 
 def format_stack(stack: tuple[tuple[CodeType, int], ...]) -> str:
@@ -249,5 +284,5 @@ def format_stack(stack: tuple[tuple[CodeType, int], ...]) -> str:
         filename = code.co_filename
         if "/sqlalchemy/" in filename or "/psycopg_pool/" in filename or "/dbpool_exporter/" in filename:
             continue
-        lines.append(f'  File "{filename}", line {_lineno(code, lasti)}, in {code.co_name}')
+        lines.append(f'  File "{filename}", line {_sites.lineno(code, lasti)}, in {code.co_name}')
     return "\n".join(lines)

@@ -95,11 +95,11 @@ def _install(pool: BasePool, recorder: Recorder) -> None:
     waiting, waits, holds, out = recorder.waiting, recorder.waits, recorder.holds, recorder.out
     if inspect.iscoroutinefunction(cls.getconn):  # type: ignore[attr-defined]
         async def agetconn(timeout: float | None = None) -> Any:
-            waiting.append(None)
+            started = _now()
+            waiting.add(started)
             inside = len(out) + len(waiting)
             if inside > recorder.peak_gate:
                 recorder.raise_waiting_peak(inside)
-            started = _now()
             try:
                 conn = await getconn(timeout)
             except PoolTimeout:
@@ -109,11 +109,12 @@ def _install(pool: BasePool, recorder: Recorder) -> None:
                 failed(started, False)
                 raise
             now = _now()
-            waiting.pop()
+            waiting.discard(started)
             waits.append(now - started)
-            out[id(conn)] = now if recorder.leak_threshold is None else recorder.checkout(now)
-            if len(out) > recorder.out_peak:
-                recorder.out_peak = len(out)
+            held = len(out)
+            out[id(conn)] = now if held < recorder.site_gate else recorder.checkout(now)
+            if held >= recorder.out_peak:
+                recorder.out_peak = held + 1
             return conn
 
         async def aputconn(conn: Any) -> None:
@@ -129,11 +130,11 @@ def _install(pool: BasePool, recorder: Recorder) -> None:
         return
 
     def sgetconn(timeout: float | None = None) -> Any:
-        waiting.append(None)
+        started = _now()
+        waiting.add(started)
         inside = len(out) + len(waiting)
         if inside > recorder.peak_gate:
             recorder.raise_waiting_peak(inside)
-        started = _now()
         try:
             conn = getconn(timeout)
         except PoolTimeout:
@@ -143,11 +144,12 @@ def _install(pool: BasePool, recorder: Recorder) -> None:
             failed(started, False)
             raise
         now = _now()
-        waiting.pop()
+        waiting.discard(started)
         waits.append(now - started)
-        out[id(conn)] = now if recorder.leak_threshold is None else recorder.checkout(now)
-        if len(out) > recorder.out_peak:
-            recorder.out_peak = len(out)
+        held = len(out)
+        out[id(conn)] = now if held < recorder.site_gate else recorder.checkout(now)
+        if held >= recorder.out_peak:
+            recorder.out_peak = held + 1
         return conn
 
     def sputconn(conn: Any) -> None:

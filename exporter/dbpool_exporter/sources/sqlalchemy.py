@@ -128,11 +128,11 @@ def _timed_connect(pool: Pool, recorder: Recorder, fast: bool) -> Any:
 
     def connect() -> Any:
         # Recorder.acquire_started() and .acquired(), inlined: one frame instead of three.
-        waiting.append(None)
+        started = _now()
+        waiting.add(started)
         inside = len(out) + len(waiting)
         if inside > recorder.peak_gate:
             recorder.raise_waiting_peak(inside)
-        started = _now()
         try:
             fairy = original()
         except exc.TimeoutError:
@@ -142,11 +142,12 @@ def _timed_connect(pool: Pool, recorder: Recorder, fast: bool) -> Any:
             failed(started, False)
             raise
         now = _now()
-        waiting.pop()
+        waiting.discard(started)
         waits.append(now - started)
-        out[id(record_of(fairy))] = now if recorder.leak_threshold is None else recorder.checkout(now)
-        if len(out) > recorder.out_peak:
-            recorder.out_peak = len(out)
+        held = len(out)
+        out[id(record_of(fairy))] = now if held < recorder.site_gate else recorder.checkout(now)
+        if held >= recorder.out_peak:
+            recorder.out_peak = held + 1
         return fairy
 
     return connect
