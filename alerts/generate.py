@@ -43,7 +43,7 @@ CONFIG: dict[str, Any] = {
         # slow to reach max within the horizon) and restarts (a new series has no history; a dip
         # breaks the steady rise).
         "DbpoolPoolExhaustionForecast": {"severity": "warning", "horizon": "30m", "window": "10m",
-                                         "step": 0.03, "step_window": "3m", "for": "2m"},
+                                         "step": 0.03, "step_window": "3m", "for": "1m"},
         # Seconds: p95 of dbpool_acquire_wait_seconds over 5m, or psycopg's mean wait of queued requests.
         "DbpoolAcquireWaitSlow": {"severity": "warning", "threshold": 5, "for": "2m"},
         # Acquire timeouts within 5m above this count.
