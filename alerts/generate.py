@@ -36,7 +36,8 @@ CONFIG: dict[str, Any] = {
         "DbpoolPoolExhausted": {"severity": "critical", "threshold": 0.95, "for": "15s"},
         # A caller has waited longer than this share of the pool's own acquire timeout and still
         # waits: it fails when the timeout runs out. No `for:`, so one scrape that sees it is enough.
-        "DbpoolAcquireWaitNearTimeout": {"severity": "critical", "threshold": 0.5, "for": "0s"},
+        # A quarter leaves room for a 15 s scrape and a 15 s evaluation within a 30 s timeout.
+        "DbpoolAcquireWaitNearTimeout": {"severity": "critical", "threshold": 0.25, "for": "0s"},
         # Leak-shaped growth: the floor of checked-out connections (its 1m minimum) rose by at least
         # `step` x max (and 2 connections) in each of the last two `step_window`s, and its linear
         # trend over `window` reaches max within `horizon`. Quiet on bursts (the floor does not move), daily cycles (too

@@ -10,8 +10,9 @@ pool_timeout 30 s) under light traffic, and a ``get_db()`` that never gives its 
 - late: 40 already leaked when monitoring starts, then one every 15 s (the issue's replay: 2/3 ->
   full in 5 min with no history for a trend to show).
 
-It prints, per pool, when the first request failed with the pool's timeout and when each alert was
-delivered (Alertmanager's webhook), before (+) or after (-) that first error. Takes ~25 minutes:
+It prints, per pool, when the first request failed with the pool's timeout, and when each alert was
+firing in Prometheus and when Alertmanager delivered it (its webhook), before (+) or after (-) that
+first error. Takes ~25 minutes:
 
     python bench/leadtime.py [--pools fast,slow,late] [--limit 1800]
 
@@ -137,10 +138,11 @@ async def leak(pool: Pool, t0: float, stop: asyncio.Event) -> None:
             note_error(pool, t0, e)
 
 
-def report(pools: list[Pool], deliveries: Deliveries) -> None:
+def report(pools: list[Pool], deliveries: Deliveries, firing: dict[tuple[str, str], float]) -> None:
     print()
-    print("| leak | first pool error | alert | delivered | before the first error | names |")
-    print("|---|---:|---|---:|---:|---|")
+    print("| leak | first pool error | alert | firing in Prometheus | delivered (group_wait 30 s) "
+          "| delivered before the first error | top holder named in the alert |")
+    print("|---|---:|---|---:|---:|---:|---|")
     for pool in pools:
         leaked, every = SCENARIOS[pool.name]
         shape = f"{pool.name}: {leaked} leaked at start, +1 every {every:g} s"
@@ -148,11 +150,14 @@ def report(pools: list[Pool], deliveries: Deliveries) -> None:
         rows = sorted(((t, name, text) for (name, p), (t, text) in deliveries.first.items()
                        if p == pool.name), key=lambda r: r[0])
         if not rows:
-            print(f"| {shape} | {error} | (none) | | | |")
+            print(f"| {shape} | {error} | (none) | | | | |")
         for i, (t, name, text) in enumerate(rows):
             lead = f"{pool.first_error - t:+.0f} s" if pool.first_error is not None else "—"
             top = text.split("Top holder: ", 1)[1].rstrip(".") if "Top holder: " in text else ""
-            print(f"| {shape if i == 0 else ''} | {error if i == 0 else ''} | {name} | {t:.0f} s | {lead} | {top} |")
+            fired = firing.get((name, pool.name))
+            fired_at = f"{fired:.0f} s" if fired is not None else "—"
+            print(f"| {shape if i == 0 else ''} | {error if i == 0 else ''} | {name} | {fired_at} | {t:.0f} s "
+                  f"| {lead} | {top} |")
     print()
     for pool in pools:
         print(f"# {pool.name}: {pool.requests} requests served, {pool.timeouts} pool timeouts, "
@@ -200,14 +205,19 @@ async def run(args: argparse.Namespace) -> int:
         for pool in pools:
             tasks += [asyncio.create_task(handle_request(pool, t0, stop)) for _ in range(TRAFFIC_WORKERS)]
             tasks.append(asyncio.create_task(leak(pool, t0, stop)))
+        firing: dict[tuple[str, str], float] = {}
         while time.monotonic() - t0 < args.limit:
             await asyncio.sleep(2)
+            for alert in await asyncio.to_thread(stack.prometheus_alerts):
+                key = (alert["labels"].get("alertname", ""), alert["labels"].get("pool", ""))
+                if alert["state"] == "firing" and key not in firing:
+                    firing[key] = time.monotonic() - t0
             done = [p.first_error for p in pools]
             if all(e is not None for e in done) and time.monotonic() - t0 > max(done) + AFTER_ERROR:  # type: ignore[type-var]
                 break
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
-        report(pools, deliveries)
+        report(pools, deliveries, firing)
         return 0
     finally:
         stop.set()

@@ -58,10 +58,10 @@ def panels() -> list[g.Panel]:
         (stat("Callers waiting", "Callers waiting for a connection right now, all selected pools.",
               f"sum(dbpool_pending_acquires{{{S}}})", thresholds=steps((GREEN, None), (RED, 1))), 3, 4),
         (stat("Longest wait now", "How long the longest-waiting caller has been waiting, as a share of its "
-              "pool's acquire timeout. DbpoolAcquireWaitNearTimeout fires above 50%: at 100% it fails.",
+              "pool's acquire timeout. DbpoolAcquireWaitNearTimeout fires above 25%: at 100% it fails.",
               f"max(dbpool_oldest_pending_acquire_age_seconds{{{S}}}\n"
               f"/ on (job, instance, worker, pool, kind) (dbpool_acquire_timeout_seconds{{{S}}} > 0))",
-              unit="percentunit", thresholds=steps((GREEN, None), (ORANGE, 0.25), (RED, 0.5))), 4, 4),
+              unit="percentunit", thresholds=steps((GREEN, None), (ORANGE, 0.1), (RED, 0.25))), 4, 4),
         (stat("Acquire timeouts (1h)", "Acquires that failed with the pool's timeout in the last hour.",
               f"sum(increase(dbpool_acquire_timeouts_total{{{S}}}[1h]))",
               thresholds=steps((GREEN, None), (RED, 1))), 3, 4),
@@ -99,13 +99,13 @@ def panels() -> list[g.Panel]:
             thresholds=steps((GREEN, None), (RED, 1))), 12, 8),
         (timeseries(
             "Oldest waiting caller", "How long the longest-waiting caller has been waiting right now, against "
-            "half the pool's acquire timeout (dashed): DbpoolAcquireWaitNearTimeout fires above it, before the "
+            "a quarter of the pool's acquire timeout (dashed): DbpoolAcquireWaitNearTimeout fires above it, before the "
             "timeout turns the wait into an error.",
             [target(f"max without (worker) (dbpool_oldest_pending_acquire_age_seconds{{{S}}})",
                     "{{pool}} {{instance}}"),
-             target(f"0.5 * max without (worker) (dbpool_acquire_timeout_seconds{{{S}}})",
-                    "{{pool}} half timeout {{instance}}")],
-            unit="s", overrides=[dashed(".* half timeout .*")]), 12, 8),
+             target(f"0.25 * max without (worker) (dbpool_acquire_timeout_seconds{{{S}}})",
+                    "{{pool}} alert line {{instance}}")],
+            unit="s", overrides=[dashed(".* alert line .*")]), 12, 8),
         (timeseries(
             "Acquire wait", "Time to get a connection (p50/p95/p99 of dbpool_acquire_wait_seconds), and for "
             "psycopg pools psycopg's mean wait of queued requests. DbpoolAcquireWaitSlow fires above 5 s.",

@@ -212,3 +212,17 @@ def test_psycopg_pool_sites(pg_dsn: str) -> None:
     finally:
         exporter.stop()
         pool.close()
+
+
+def test_with_leak_detection_the_site_comes_from_the_reported_stack(sync_url: str) -> None:
+    engine = create_engine(sync_url, pool_size=4, max_overflow=0)
+    exporter = Exporter().register("app", engine, leak_threshold=600)
+    held = []
+    try:
+        held.append(get_db(engine))  # leak detection captures every checkout, quiet pool or not
+        assert sites(exporter) == {f"get_db ({HERE}:{line_of(get_db, '# checkout')})": 1, "other": 0}
+    finally:
+        for conn in held:
+            conn.close()
+        exporter.stop()
+        engine.dispose()

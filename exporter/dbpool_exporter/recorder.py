@@ -4,7 +4,9 @@ The host application's checkout path only appends floats to deques and updates a
 folding those into histograms, computing peaks, attributing holders to sites and looking for leaks
 happens in ``fold()``, which the scheduler calls from the poll job, off the hot path.
 ``deque.append``/``popleft``, ``set.add``/``discard``, ``dict`` item assignment and ``pop`` are
-atomic under the GIL, so no lock is taken while the host waits.
+atomic under the GIL, so no lock is taken while the host waits. The start time of a caller is kept
+only when it enters acquire with the pool full (it will queue), so a pool with room pays two
+comparisons for the oldest-waiter gauge.
 
 Checkout sites (the application code that took a connection) are captured only while the pool
 is busy: at least half its connections out, or one held longer than ``site_age``. A quiet pool
@@ -42,6 +44,12 @@ _STACK_DEPTH = 24
 # quiet pool is attributed from its second connection on.
 SITE_AGE = 10.0
 _now = time.perf_counter  # a module global is found faster than time.perf_counter
+# Gates are ints (an int comparison is the cheapest on the hot path); this one is never passed.
+NEVER = sys.maxsize
+
+
+def _gate(value: float) -> int:
+    return int(value) if value < NEVER else NEVER
 
 
 @dataclass(frozen=False, slots=True)
@@ -96,9 +104,10 @@ class Recorder:
     ) -> None:
         self.waits: deque[float] = deque()
         self.holds: deque[float] = deque()
-        # The start time of each caller inside acquire; two callers starting in the same clock
-        # tick share an entry, which undercounts waiters by one for that instant only.
-        self.waiting: set[float] = set()
+        self.waiting: deque[None] = deque()  # one entry per caller inside acquire
+        # Start times of the callers that entered acquire with the pool full: they queue. Two
+        # starting in the same clock tick share an entry, which only matters for that instant.
+        self.queued: set[float] = set()
         # The pool's limit, kept current by the source: a caller inside acquire only waits
         # for the pool when every connection up to this limit is already out.
         self._capacity: float = float("inf")
@@ -109,14 +118,16 @@ class Recorder:
         self.waiting_peak = 0
         # capacity + waiting_peak: a caller entering acquire raises the peak when len(out) +
         # len(waiting) exceeds it, one comparison instead of float arithmetic on the hot path.
-        self.peak_gate: float = self._capacity
+        self.peak_gate: int = NEVER
+        # A caller entering acquire queues when len(out) + len(waiting) exceeds the capacity.
+        self.full_gate: int = NEVER
         self.leak_threshold = leak_threshold
         self.peak_window = peak_window
         self.pool_name = pool_name
         self.sites = max(0, int(sites))
         self.site_age = site_age
         # The hooks capture a checkout's site when len(out) >= site_gate; fold() keeps it current.
-        self.site_gate: float = 0.0 if leak_threshold is not None else float("inf")
+        self.site_gate: int = 0 if leak_threshold is not None else NEVER
         self._wait_hist = _Folded(wait_buckets)
         self._hold_hist = _Folded(hold_buckets)
         self._peaks: deque[tuple[float, int, int]] = deque()
@@ -129,17 +140,19 @@ class Recorder:
     @capacity.setter
     def capacity(self, value: float) -> None:
         self._capacity = value
-        self.peak_gate = value + self.waiting_peak
+        self.peak_gate = _gate(value + self.waiting_peak)
+        self.full_gate = _gate(value)
         self._open_site_gate(0.0)
 
     # --- hot path -------------------------------------------------------------------------
     # The sources' acquire hooks do the bookkeeping inline (a Python call is a sizeable share of a
-    # checkout: bench/checkout.py): on entry add the start time to ``waiting`` and raise the waiting
-    # peak past ``peak_gate``; on success discard it from ``waiting``, append the wait, store
-    # ``out[key]`` (a start time, or ``checkout(now)`` once ``len(out)`` reaches ``site_gate``) and
-    # raise ``out_peak``. A change here goes there too.
+    # checkout: bench/checkout.py): on entry append to ``waiting`` and, past ``full_gate``, call
+    # ``queue()``; on success pop ``waiting`` (and discard from a non-empty ``queued``), append the
+    # wait, store ``out[key]`` (a start time, or ``checkout(now)`` once ``len(out)`` reaches
+    # ``site_gate``) and raise ``out_peak``. A change here goes there too.
     def acquire_failed(self, started: float, timed_out: bool) -> None:
-        self.waiting.discard(started)
+        self.waiting.pop()
+        self.queued.discard(started)
         if timed_out:
             self.waits.append(_now() - started)
             self.timeouts.append(None)
@@ -153,18 +166,27 @@ class Recorder:
                 self.released_checkout(checkout)  # type: ignore[arg-type]
 
     # --- their slower branches ----------------------------------------------------------------
+    def queue(self, inside: int, started: float) -> None:
+        """``inside`` callers hold or wait for a connection, more than the pool has: this one queues.
+
+        ``peak_gate`` (capacity + waiting peak) is never below ``full_gate`` (capacity), so the
+        waiting peak needs checking only here.
+        """
+        self.queued.add(started)
+        if inside > self.peak_gate:
+            self.raise_waiting_peak(inside)
+
     def raise_waiting_peak(self, inside: int) -> None:
         """``inside`` callers hold or wait for a connection: more than ever since the last fold."""
         self.waiting_peak = int(inside - self._capacity)
-        self.peak_gate = self._capacity + self.waiting_peak
+        self.peak_gate = _gate(self._capacity + self.waiting_peak)
 
     def checkout(self, now: float) -> _Checkout:
-        """A checkout with its site (and stack, with leak detection); called by the hook, so both skip it."""
+        """A checkout with its site, or its stack with leak detection (the site is found in it at
+        poll time); called by the hook, so both skip it."""
         if self.leak_threshold is None:
-            return _Checkout(now, _sites.capture(2))
-        stack = _capture_stack()
-        site = _sites.first_in(stack)
-        return _Checkout(now, site if site is not None else _sites.capture(2), stack)
+            return _Checkout(now, _capture_site(2))
+        return _Checkout(now, None, _capture_stack())
 
     def released_checkout(self, checkout: _Checkout) -> None:
         held = _now() - checkout.started
@@ -185,7 +207,7 @@ class Recorder:
         # Reset the between-polls maxima to the present, then remember this poll's maxima.
         out_max, self.out_peak = max(self.out_peak, out_now, checked_out_now or 0), out_now
         wait_max, self.waiting_peak = max(self.waiting_peak, waiting_now), waiting_now
-        self.peak_gate = self._capacity + waiting_now
+        self.peak_gate = _gate(self._capacity + waiting_now)
         peaks = self._peaks
         peaks.append((now_mono, out_max, wait_max))
         while peaks and peaks[0][0] < now_mono - self.peak_window:
@@ -194,7 +216,7 @@ class Recorder:
         oldest = max((now - _started(c) for c in checkouts), default=0.0)
         if self.leak_threshold is not None:
             self._report_leaks([c for c in checkouts if c.__class__ is _Checkout], now)
-        first_waiter = min(self.waiting, default=None)
+        first_waiter = min(self.queued, default=None)
         self._open_site_gate(oldest)
         return {
             "acquire_wait": self._wait_hist.snapshot(),
@@ -211,11 +233,11 @@ class Recorder:
 
     def _open_site_gate(self, oldest: float) -> None:
         if self.leak_threshold is not None or (self.sites and oldest > self.site_age):
-            self.site_gate = 0.0
+            self.site_gate = 0
         elif self.sites:
-            self.site_gate = self._capacity / 2  # inf for an unbounded pool: only age opens it
+            self.site_gate = _gate((self._capacity + 1) // 2)  # unbounded: only age opens it
         else:
-            self.site_gate = float("inf")
+            self.site_gate = NEVER
 
     def _top_sites(self, checkouts: list[float | _Checkout], now: float) -> tuple[tuple[str, int, float], ...]:
         """(site, connections held, oldest age) for the top ``sites`` sites by count, then ``other``.
@@ -225,10 +247,12 @@ class Recorder:
         held: dict[str, list[float]] = {}  # label -> [count, oldest age]
         other = [0, 0.0]
         for c in checkouts:
-            if c.__class__ is _Checkout and c.site is not None:  # type: ignore[union-attr]
-                entry = held.setdefault(_sites.label(c.site), [0, 0.0])  # type: ignore[union-attr]
-            else:
-                entry = other
+            site = None
+            if c.__class__ is _Checkout:
+                site = c.site  # type: ignore[union-attr]
+                if site is None and c.stack:  # type: ignore[union-attr]
+                    site = c.site = _sites.first_in(c.stack)  # type: ignore[union-attr]
+            entry = held.setdefault(_sites.label(site), [0, 0.0]) if site is not None else other
             entry[0] += 1
             entry[1] = max(entry[1], now - _started(c))
         ranked = sorted(held.items(), key=lambda item: (-item[1][0], -item[1][1], item[0]))
@@ -251,6 +275,9 @@ class Recorder:
                 log.warning("connection leak suspected pool=%s held_seconds=%.1f threshold_seconds=%g "
                             "checked_out_at:\n%s", self.pool_name, now - c.started, threshold,
                             format_stack(c.stack or ()))
+
+
+_capture_site = _sites.capture
 
 
 def _started(checkout: float | _Checkout) -> float:

@@ -121,7 +121,7 @@ def _timed_connect(pool: Pool, recorder: Recorder, fast: bool) -> Any:
     # touching the class. Deleting the attribute restores the original method exactly.
     original = type(pool).connect.__get__(pool)
     failed = recorder.acquire_failed
-    waiting, waits, out = recorder.waiting, recorder.waits, recorder.out
+    waiting, queued, waits, out = recorder.waiting, recorder.queued, recorder.waits, recorder.out
     # A checkout is keyed by its pool record (or the record's info dict, which lives as long):
     # both the checkout and every way back to the pool name it.
     record_of = attrgetter("_connection_record" if fast else "info")
@@ -129,10 +129,10 @@ def _timed_connect(pool: Pool, recorder: Recorder, fast: bool) -> Any:
     def connect() -> Any:
         # Recorder.acquire_started() and .acquired(), inlined: one frame instead of three.
         started = _now()
-        waiting.add(started)
+        waiting.append(None)
         inside = len(out) + len(waiting)
-        if inside > recorder.peak_gate:
-            recorder.raise_waiting_peak(inside)
+        if inside > recorder.full_gate:  # the pool is full: this caller queues
+            recorder.queue(inside, started)
         try:
             fairy = original()
         except exc.TimeoutError:
@@ -142,7 +142,9 @@ def _timed_connect(pool: Pool, recorder: Recorder, fast: bool) -> Any:
             failed(started, False)
             raise
         now = _now()
-        waiting.discard(started)
+        waiting.pop()
+        if queued:
+            queued.discard(started)
         waits.append(now - started)
         held = len(out)
         out[id(record_of(fairy))] = now if held < recorder.site_gate else recorder.checkout(now)
@@ -162,11 +164,10 @@ def _timed_return(pool: Pool, recorder: Recorder) -> Any:
     def _return_conn(record: Any) -> None:
         # Recorder.released(), inlined.
         checkout = out.pop(id(record), None)
-        if checkout is not None:
-            if checkout.__class__ is float:
-                holds.append(_now() - checkout)
-            else:
-                recorder.released_checkout(checkout)
+        if checkout.__class__ is float:
+            holds.append(_now() - checkout)
+        elif checkout is not None:
+            recorder.released_checkout(checkout)
         original_return(record)
 
     return _return_conn
