@@ -12,6 +12,7 @@ import pytest
 from psycopg_pool import ConnectionPool
 from sqlalchemy import create_engine, exc
 from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.pool import NullPool
 
 from dbpool_exporter import Exporter
 from dbpool_exporter.sites import relative
@@ -226,3 +227,51 @@ def test_with_leak_detection_the_site_comes_from_the_reported_stack(sync_url: st
             conn.close()
         exporter.stop()
         engine.dispose()
+
+
+def test_an_unbounded_pool_names_long_holders(sync_url: str) -> None:
+    engine = create_engine(sync_url, poolclass=NullPool)
+    exporter = Exporter().register("app", engine)
+    held = []
+    try:
+        exporter.poll_now()
+        held.append(quiet(engine))  # no limit, so no "half used": only age turns capture on
+        recorder = exporter.poller.states["app"].source.recorder  # type: ignore[attr-defined]
+        recorder.site_age = 0.2
+        time.sleep(0.3)
+        exporter.poll_now()
+        held.append(get_db(engine))
+        assert sites(exporter) == {f"get_db ({HERE}:{line_of(get_db, '# checkout')})": 1, "other": 1}
+    finally:
+        for conn in held:
+            conn.close()
+        exporter.stop()
+        engine.dispose()
+
+
+def test_psycopg_waiter_age(pg_dsn: str) -> None:
+    pool = ConnectionPool(pg_dsn, min_size=1, max_size=1, open=True)
+    exporter = Exporter().register("app", pool)
+    try:
+        exporter.poll_now()
+        holder = pool.getconn()
+        got = threading.Event()
+
+        def waiter() -> None:
+            with pool.connection(timeout=10):
+                got.set()
+
+        thread = threading.Thread(target=waiter)
+        thread.start()
+        time.sleep(0.5)
+        exporter.poll_now()
+        age = sample(exporter, "dbpool_oldest_pending_acquire_age_seconds", kind="psycopg")
+        assert age is not None and age >= 0.4
+        pool.putconn(holder)
+        assert got.wait(5)
+        thread.join(5)
+        exporter.poll_now()
+        assert sample(exporter, "dbpool_oldest_pending_acquire_age_seconds", kind="psycopg") == 0
+    finally:
+        exporter.stop()
+        pool.close()

@@ -5,8 +5,8 @@ folding those into histograms, computing peaks, attributing holders to sites and
 happens in ``fold()``, which the scheduler calls from the poll job, off the hot path.
 ``deque.append``/``popleft``, ``set.add``/``discard``, ``dict`` item assignment and ``pop`` are
 atomic under the GIL, so no lock is taken while the host waits. The start time of a caller is kept
-only when it enters acquire with the pool full (it will queue), so a pool with room pays two
-comparisons for the oldest-waiter gauge.
+only when it enters acquire with the pool full (it will queue), so a pool with room pays one
+truth test of an empty set for the oldest-waiter gauge.
 
 Checkout sites (the application code that took a connection) are captured only while the pool
 is busy: at least half its connections out, or one held longer than ``site_age``. A quiet pool
@@ -235,7 +235,8 @@ class Recorder:
         if self.leak_threshold is not None or (self.sites and oldest > self.site_age):
             self.site_gate = 0
         elif self.sites:
-            self.site_gate = _gate((self._capacity + 1) // 2)  # unbounded: only age opens it
+            # Half used; an unbounded pool has no half, only age opens it.
+            self.site_gate = _gate((self._capacity + 1) // 2) if self._capacity < NEVER else NEVER
         else:
             self.site_gate = NEVER
 
