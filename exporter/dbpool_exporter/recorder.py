@@ -112,8 +112,9 @@ class Recorder:
         # for the pool when every connection up to this limit is already out.
         self._capacity: float = float("inf")
         self.timeouts: deque[None] = deque()  # a deque's length is an atomic counter
-        # Checkout start times, or _Checkout records when leak detection is on.
-        self.out: dict[int, float | _Checkout] = {}
+        # Checkout start times; (start, site) while sites are captured; _Checkout records when
+        # leak detection is on.
+        self.out: dict[int, float | tuple[float, _sites.Site | None] | _Checkout] = {}
         self.out_peak = 0
         self.waiting_peak = 0
         # capacity + waiting_peak: a caller entering acquire raises the peak when len(out) +
@@ -181,17 +182,20 @@ class Recorder:
         self.waiting_peak = int(inside - self._capacity)
         self.peak_gate = _gate(self._capacity + self.waiting_peak)
 
-    def checkout(self, now: float) -> _Checkout:
-        """A checkout with its site, or its stack with leak detection (the site is found in it at
-        poll time); called by the hook, so both skip it."""
+    def checkout(self, now: float) -> _Checkout | tuple[float, _sites.Site | None]:
+        """A checkout with its site: (start, site), or with leak detection a record holding its
+        stack, where fold() finds the site. Called by the hook, so both skip it."""
         if self.leak_threshold is None:
-            return _Checkout(now, _capture_site(2))
+            return now, _capture_site(2)  # a tuple: no Python-level __init__ on the hot path
         return _Checkout(now, None, _capture_stack())
 
-    def released_checkout(self, checkout: _Checkout) -> None:
-        held = _now() - checkout.started
+    def released_checkout(self, checkout: _Checkout | tuple[float, _sites.Site | None]) -> None:
+        if checkout.__class__ is tuple:
+            self.holds.append(_now() - checkout[0])  # type: ignore[index]
+            return
+        held = _now() - checkout.started  # type: ignore[union-attr]
         self.holds.append(held)
-        if checkout.reported:
+        if checkout.reported:  # type: ignore[union-attr]
             log.warning("previously reported leaked connection returned pool=%s held_seconds=%.1f",
                         self.pool_name, held)
 
@@ -240,7 +244,8 @@ class Recorder:
         else:
             self.site_gate = NEVER
 
-    def _top_sites(self, checkouts: list[float | _Checkout], now: float) -> tuple[tuple[str, int, float], ...]:
+    def _top_sites(self, checkouts: list[float | tuple[float, _sites.Site | None] | _Checkout],
+                   now: float) -> tuple[tuple[str, int, float], ...]:
         """(site, connections held, oldest age) for the top ``sites`` sites by count, then ``other``.
 
         ``other`` also holds checkouts taken while the pool was quiet, whose site was not captured.
@@ -249,7 +254,9 @@ class Recorder:
         other = [0, 0.0]
         for c in checkouts:
             site = None
-            if c.__class__ is _Checkout:
+            if c.__class__ is tuple:
+                site = c[1]  # type: ignore[index]
+            elif c.__class__ is _Checkout:
                 site = c.site  # type: ignore[union-attr]
                 if site is None and c.stack:  # type: ignore[union-attr]
                     site = c.site = _sites.first_in(c.stack)  # type: ignore[union-attr]
@@ -281,8 +288,10 @@ class Recorder:
 _capture_site = _sites.capture
 
 
-def _started(checkout: float | _Checkout) -> float:
-    return checkout if checkout.__class__ is float else checkout.started  # type: ignore[union-attr,return-value]
+def _started(checkout: float | tuple[float, _sites.Site | None] | _Checkout) -> float:
+    if checkout.__class__ is float:
+        return checkout  # type: ignore[return-value]
+    return checkout[0] if checkout.__class__ is tuple else checkout.started  # type: ignore[index,union-attr]
 
 
 def _capture_stack() -> tuple[tuple[CodeType, int], ...]:
