@@ -113,7 +113,10 @@ def relative(filename: str) -> str:
     paths = [os.path.abspath(p) for p in sys.path if p]
     holding = [p for p in paths if filename.startswith(p + os.sep)]
     packages = [p for p in holding if "packages" in os.path.basename(p)]
-    cwd = os.getcwd()
+    try:
+        cwd = os.getcwd()
+    except OSError:  # the working directory was removed under the application
+        cwd = "\0"
     if packages:
         root = max(packages, key=len)
     elif filename.startswith(cwd + os.sep):
