@@ -19,18 +19,32 @@ from dbpool_exporter.generated import write_or_check
 CONFIG: dict[str, Any] = {
     # Where the runbook lives; each alert links to `<runbook_url>#<alertname in lower case>`.
     "runbook_url": "https://github.com/dbpool-exporter/dbpool-exporter/blob/main/docs/runbook.md",
-    # Selects the exporter's own scrape targets for DbpoolExporterDown (the daemon's job).
+    # Selects the exporter's own scrape targets for DbpoolExporterDown (the daemon's job). Targets
+    # that served dbpool_source_up in the last hour (the in-process exporter, under any job) count too.
     "exporter_selector": 'job=~".*dbpool.*"',
     # Extra label matchers put into every dbpool_* selector, e.g. 'env="prod"'. Empty: all of them.
     "selector": "",
-    # Labels that identify one scraped process; pools are joined with their info metric on these
-    # plus pool and kind, and server metrics from several exporters watching one server are deduplicated.
+    # Labels that identify one scraped target; pools are joined with their info metric on these
+    # plus worker (the process, in multi-worker mode), pool and kind, and server metrics from several
+    # exporters watching one server are deduplicated.
     "instance_labels": ["job", "instance"],
     "alerts": {
         # Share of the pool's hard limit checked out (dbpool_usage_ratio).
         "DbpoolPoolUsageHigh": {"severity": "warning", "threshold": 0.8, "for": "5m"},
-        # Usage (peak within the exporter's 60 s window) at least this, with callers waiting.
-        "DbpoolPoolExhausted": {"severity": "critical", "threshold": 0.95, "for": "1m"},
+        # Usage (peak within the exporter's 60 s window) at least this, with callers waiting. Shorter
+        # than a 30 s pool timeout; DbpoolAcquireWaitNearTimeout is the one that beats the first error.
+        "DbpoolPoolExhausted": {"severity": "critical", "threshold": 0.95, "for": "15s"},
+        # A caller has waited longer than this share of the pool's own acquire timeout and still
+        # waits: it fails when the timeout runs out. No `for:`, so one scrape that sees it is enough.
+        # A quarter leaves room for a 15 s scrape and a 15 s evaluation within a 30 s timeout.
+        "DbpoolAcquireWaitNearTimeout": {"severity": "critical", "threshold": 0.25, "for": "0s"},
+        # Leak-shaped growth: the floor of checked-out connections (its 1m minimum) rose by at least
+        # `step` x max (and 2 connections) in each of the last two `step_window`s, and its linear
+        # trend over `window` reaches max within `horizon`. Quiet on bursts (the floor does not move), daily cycles (too
+        # slow to reach max within the horizon) and restarts (a new series has no history; a dip
+        # breaks the steady rise).
+        "DbpoolPoolExhaustionForecast": {"severity": "warning", "horizon": "30m", "window": "10m",
+                                         "step": 0.03, "step_window": "3m", "for": "1m"},
         # Seconds: p95 of dbpool_acquire_wait_seconds over 5m, or psycopg's mean wait of queued requests.
         "DbpoolAcquireWaitSlow": {"severity": "warning", "threshold": 5, "for": "2m"},
         # Acquire timeouts within 5m above this count.
@@ -85,8 +99,10 @@ class _Q:
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.extra = config["selector"].strip().strip(",")
-        self.inst = ", ".join(config["instance_labels"])
-        self.pool_keys = ", ".join([*config["instance_labels"], "pool", "kind"])
+        self.inst_list = list(config["instance_labels"])
+        # One process: a scraped target, or one worker of it (multi-worker mode adds `worker`).
+        self.inst = ", ".join([*self.inst_list, "worker"])
+        self.pool_keys = ", ".join([*self.inst_list, "worker", "pool", "kind"])
 
     def m(self, metric: str, matchers: str = "") -> str:
         """``metric{matchers}`` with the configured extra matchers added."""
@@ -98,9 +114,25 @@ def _num(value: float) -> str:
     return f"{value:g}"
 
 
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _seconds(duration: str) -> int:
+    """'30m' -> 1800 (one unit only, which is all CONFIG uses)."""
+    try:
+        return int(duration[:-1]) * _UNITS[duration[-1]]
+    except (KeyError, ValueError):
+        raise ConfigError(f"duration {duration!r}: use a number and one of s, m, h, d") from None
+
+
+def _double(duration: str) -> str:
+    return f"{2 * _seconds(duration)}s"
+
+
 def recording_rules(config: dict[str, Any]) -> list[dict[str, str]]:
     q = _Q(config)
     wait_bucket = q.m("dbpool_acquire_wait_seconds_bucket")
+    checked_out = q.m("dbpool_connections", 'state="checked_out"')
     rules = [
         ("dbpool:pool_usage:ratio", q.m("dbpool_usage_ratio")),
         # The exporter's own 60 s maximum sees bursts that fall between scrapes; pools without
@@ -110,6 +142,9 @@ def recording_rules(config: dict[str, Any]) -> list[dict[str, str]]:
          f"or\n{q.m('dbpool_usage_ratio')}"),
         ("dbpool:pool_waiters:peak",
          f"{q.m('dbpool_pending_acquires_peak')}\nor\n{q.m('dbpool_pending_acquires')}"),
+        # The floor under the bursts: connections held through a whole minute. Leaks raise it.
+        ("dbpool:pool_checked_out:min_1m",
+         f"max without (state) (min_over_time({checked_out}[1m]))"),
         *[(f"dbpool:acquire_wait_seconds:p{int(quantile * 100)}_5m",
            f"histogram_quantile({quantile}, rate({wait_bucket}[5m]))") for quantile in (0.5, 0.95, 0.99)],
         # psycopg_pool counts the total wait of the requests that had to queue: their mean wait.
@@ -145,6 +180,10 @@ def _alert_exprs(config: dict[str, Any]) -> dict[str, str]:
     overcommit = a["DbpoolPoolOvercommit"]["threshold"]
     usable = "dbpool:server_usable_connections:max"
     leak = a["DbpoolConnectionLeak"]
+    fc = a["DbpoolPoolExhaustionForecast"]
+    floor, on = "dbpool:pool_checked_out:min_1m", f"on ({q.pool_keys})"
+    step = f"clamp_min({_num(fc['step'])} * {q.m('dbpool_max_connections')}, 2)"
+    sw = fc["step_window"]
     return {
         "DbpoolPoolUsageHigh": f"dbpool:pool_usage:ratio > {t('DbpoolPoolUsageHigh')}",
         "DbpoolPoolExhausted":
@@ -154,6 +193,16 @@ def _alert_exprs(config: dict[str, Any]) -> dict[str, str]:
             f"dbpool:acquire_wait_seconds:p95_5m > {t('DbpoolAcquireWaitSlow')}\nor\n"
             f"(\n  dbpool:psycopg_acquire_wait_seconds:mean_5m > {t('DbpoolAcquireWaitSlow')}\n"
             f"  unless\n  {q.m('dbpool_acquire_wait_seconds_count')}\n)",
+        "DbpoolAcquireWaitNearTimeout":
+            f"{q.m('dbpool_oldest_pending_acquire_age_seconds')}\n> {on}\n"
+            f"{_num(a['DbpoolAcquireWaitNearTimeout']['threshold'])} * "
+            f"({q.m('dbpool_acquire_timeout_seconds')} > 0)",
+        # Value: the checked-out floor forecast `horizon` ahead.
+        "DbpoolPoolExhaustionForecast":
+            f"predict_linear({floor}[{fc['window']}], {_seconds(fc['horizon'])})\n"
+            f">= {on}\n({q.m('dbpool_max_connections')} > 0)\n"
+            f"and {on}\n({floor} - {floor} offset {sw}) >= {on} {step}\n"
+            f"and {on}\n({floor} offset {sw} - {floor} offset {_double(sw)}) >= {on} {step}",
         "DbpoolAcquireTimeouts":
             f"increase({q.m('dbpool_acquire_timeouts_total')}[5m]) > {t('DbpoolAcquireTimeouts')}",
         # Two signals, labelled so both can be pending at once and the description can tell them apart.
@@ -171,16 +220,36 @@ def _alert_exprs(config: dict[str, Any]) -> dict[str, str]:
             "dbpool:server_pool_max:sum\n> on (server)\n"
             + (usable if overcommit == 1 else f"({_num(overcommit)} * {usable})"),
         "DbpoolSourceDown": f"{q.m('dbpool_source_up')} == 0",
-        "DbpoolExporterDown": f"up{{{config['exporter_selector']}}} == 0",
+        # The daemon by its job name; an in-process exporter under any job by its recent dbpool series.
+        "DbpoolExporterDown":
+            f"up{{{config['exporter_selector']}}} == 0\nor\n"
+            f"(\n  up == 0\n  and on ({', '.join(q.inst_list)})\n"
+            f"  group by ({', '.join(q.inst_list)}) (last_over_time({q.m('dbpool_source_up')}[1h]))\n)",
     }
 
 
-_POOL = "pool {{ $labels.pool }} ({{ $labels.kind }}) on {{ $labels.instance }}"
+_POOL = ("pool {{ $labels.pool }} ({{ $labels.kind }}) on {{ $labels.instance }}"
+         "{{ with $labels.worker }} worker {{ . }}{{ end }}")
 _POOL_CAP = "P" + _POOL[1:]
+
+
+def _top_site(q: _Q) -> str:
+    """' Top holder: get_db (app/db/session.py:31) holds 57 of 60.' for the alert's own pool, or ''."""
+    keys = [*q.inst_list, "worker", "pool", "kind"]
+    matchers = ",".join(f"{k}=%q" for k in keys)
+    args = " ".join(f"$labels.{k}" for k in keys)
+    sites = q.m("dbpool_site_checked_out_connections", f'{matchers},site!="other"')
+    limit = q.m("dbpool_max_connections", matchers)
+    return ("{{ with printf `topk(1, " + sites + " > 0)` " + args + " | query }}{{ with first . }}"
+            " Top holder: {{ .Labels.site }} holds {{ .Value }}"
+            "{{ with printf `" + limit + "` " + args + " | query }} of {{ . | first | value }}{{ end }}."
+            "{{ end }}{{ end }}")
 
 
 def _annotations(config: dict[str, Any]) -> dict[str, tuple[str, str]]:
     a = config["alerts"]
+    top = _top_site(_Q(config))
+    fc = a["DbpoolPoolExhaustionForecast"]
 
     def pct(name: str) -> str:
         return f"{a[name]['threshold'] * 100:g}%"
@@ -192,11 +261,22 @@ def _annotations(config: dict[str, Any]) -> dict[str, tuple[str, str]]:
             "Connection pool {{ $labels.pool }} is more than " + pct("DbpoolPoolUsageHigh") + " used.",
             _POOL_CAP + " has {{ $value | humanizePercentage }} of its maximum connections "
             "checked out (threshold " + pct("DbpoolPoolUsageHigh") + " for " + a["DbpoolPoolUsageHigh"]["for"]
-            + "). The next burst will make callers wait for a connection."),
+            + "). The next burst will make callers wait for a connection." + top),
         "DbpoolPoolExhausted": (
             "Connection pool {{ $labels.pool }} is exhausted and callers are waiting.",
             _POOL_CAP + " has every connection checked out and {{ $value }} callers waiting "
-            "for one; they fail when the pool's acquire timeout runs out."),
+            "for one; they fail when the pool's acquire timeout runs out." + top),
+        "DbpoolAcquireWaitNearTimeout": (
+            "A caller of pool {{ $labels.pool }} is about to time out waiting for a connection.",
+            "A caller of " + _POOL + " has waited {{ $value | humanizeDuration }} for a connection and "
+            "still waits: more than " + pct("DbpoolAcquireWaitNearTimeout") + " of the pool's acquire "
+            "timeout. When the timeout runs out the request fails." + top),
+        "DbpoolPoolExhaustionForecast": (
+            "Connection pool {{ $labels.pool }} will run out of connections at this rate.",
+            "Connections held by " + _POOL + " keep rising: their 1m floor grew in each of the last two "
+            + fc["step_window"] + " and, at the trend of the last " + fc["window"] + ", reaches the pool's "
+            "limit within " + fc["horizon"] + " (forecast: {{ $value | humanize }}). Steady growth that "
+            "bursts do not explain is how a connection leak looks." + top),
         "DbpoolAcquireWaitSlow": (
             "Acquiring a connection from pool {{ $labels.pool }} takes more than "
             + _num(a["DbpoolAcquireWaitSlow"]["threshold"]) + " s.",
@@ -212,7 +292,8 @@ def _annotations(config: dict[str, Any]) -> dict[str, tuple[str, str]]:
             + " has been out for {{ $value | humanizeDuration }} (threshold "
             + _num(a["DbpoolConnectionLeak"]["threshold"]) + " s).{{ else }}Connections of " + _POOL
             + " held past the leak detector's threshold in the last " + a["DbpoolConnectionLeak"]["leak_window"]
-            + ": {{ $value | humanize }}. The exporter's log has the stack that checked each one out.{{ end }}"),
+            + ": {{ $value | humanize }}. The exporter's log has the stack that checked each one out.{{ end }}"
+            + top),
         "DbpoolServerConnectionsHigh": (
             "PostgreSQL {{ $labels.server }} is more than " + pct("DbpoolServerConnectionsHigh")
             + " of its usable connections.",

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from time import perf_counter_ns as perf_ns
 from typing import Any, Callable
 
-VARIANTS = ("bare", "dbpool", "dbpool+leaks", "otel")
+VARIANTS = ("bare", "dbpool", "dbpool+sites", "dbpool+leaks", "otel")
 PSYCOPG_OTEL_NA = ("opentelemetry-instrumentation-psycopg wraps connect() and cursors only; "
                    "pool checkout/checkin is not instrumented")
 
@@ -91,6 +91,10 @@ def _instrument(variant: Variant, name: str) -> None:
     # reports that cost apart, instead of letting a poll thread land on random variants.
     leaks = 30.0 if variant.name == "dbpool+leaks" else None
     variant.exporter = Exporter().register(name, variant.target, leak_threshold=leaks)
+    if variant.name == "dbpool+sites":
+        # What every checkout pays while the pool is busy (half used, or a connection held past
+        # site_age): its site is captured. A negative age keeps capture on for a quiet pool.
+        variant.exporter.poller.states[name].source.recorder.site_age = -1.0
 
 
 def _otel(engines: list[Any]) -> str:

@@ -36,7 +36,7 @@ def test_runs_and_prints_every_variant(pg_dsn: str) -> None:
     assert done.returncode == 0, done.stderr
     rows = [line for line in done.stdout.splitlines() if line.startswith("|")]
     variants = [line.split("|")[2].strip() for line in rows[2:]]
-    assert variants == ["bare", "dbpool", "dbpool+leaks", "otel"] * 5
+    assert variants == ["bare", "dbpool", "dbpool+sites", "dbpool+leaks", "otel"] * 5
     assert sum("n/a" in line for line in rows) == 2  # psycopg pools: OpenTelemetry has no pool hooks
 
 

@@ -40,7 +40,7 @@ def panels() -> list[g.Panel]:
         (timeseries(
             "Usable connections in use", "Client backends / (max_connections - reserved). "
             "DbpoolServerConnectionsHigh fires above 80% for 5m.",
-            [target(f"max by (server) (sum by (server, job, instance) (dbpool_server_connections{{{SS}}}))\n"
+            [target(f"max by (server) (sum by (server, job, instance, worker) (dbpool_server_connections{{{SS}}}))\n"
                     f"/ on (server) ({USABLE} > 0)", "{{server}}")],
             unit="percentunit", max_value=1, thresholds=steps((GREEN, None), (ORANGE, 0.8), (RED, 0.95))), 12, 8),
         (_connections("Connections by state", "state", "{{state}}",

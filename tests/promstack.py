@@ -90,9 +90,12 @@ class PromStack:
     """
 
     def __init__(self, targets: list[str], rule_files: dict[str, str], *, job: str = "dbpool",
-                 interval: str = "1s", resolve_timeout: str = "5s") -> None:
+                 interval: str = "1s", resolve_timeout: str = "5s", group_wait: str = "1s",
+                 webhook: str | None = None) -> None:
         self.targets, self.rule_files, self.job = targets, rule_files, job
         self.interval, self.resolve_timeout = interval, resolve_timeout
+        # bench/leadtime.py: Alertmanager's default group_wait, and a receiver that records deliveries.
+        self.group_wait, self.webhook = group_wait, webhook
         self.dir = ""
         self.prometheus_url = self.alertmanager_url = ""
         self._processes: list[_Process] = []
@@ -115,9 +118,9 @@ class PromStack:
         self.prometheus_url = f"http://127.0.0.1:{prom_port}"
         am_config = self._write("alertmanager.yml", {
             "global": {"resolve_timeout": self.resolve_timeout},
-            "route": {"receiver": "null", "group_by": ["alertname", "pool"], "group_wait": "1s",
+            "route": {"receiver": "null", "group_by": ["alertname", "pool"], "group_wait": self.group_wait,
                       "group_interval": "1s", "repeat_interval": "1h"},
-            "receivers": [{"name": "null"}],
+            "receivers": [{"name": "null", **({"webhook_configs": [{"url": self.webhook}]} if self.webhook else {})}],
         })
         self._spawn("alertmanager", [
             alertmanager, f"--config.file={am_config}", f"--storage.path={self._path('alertmanager-data')}",

@@ -24,6 +24,8 @@ VOCABULARY = {
     "dbpool_pool_info", "dbpool_connections", "dbpool_overflow_connections", "dbpool_min_connections",
     "dbpool_max_connections", "dbpool_usage_ratio", "dbpool_acquire_timeout_seconds", "dbpool_pending_acquires",
     "dbpool_checked_out_peak", "dbpool_pending_acquires_peak", "dbpool_oldest_checkout_age_seconds",
+    "dbpool_oldest_pending_acquire_age_seconds", "dbpool_site_checked_out_connections",
+    "dbpool_site_oldest_checkout_age_seconds",
     "dbpool_acquire_timeouts_total", "dbpool_leaked_connections_total",
     *(f"dbpool_{h}_{suffix}" for h in ("acquire_wait_seconds", "connection_hold_seconds")
       for suffix in ("bucket", "count", "sum")),
@@ -127,7 +129,8 @@ def test_overview_covers_the_incident(rendered: dict[str, dict[str, Any]]) -> No
                    "dbpool_psycopg_requests_wait_seconds_total", "dbpool_acquire_timeouts_total",
                    "dbpool_connection_hold_seconds_bucket", "dbpool_oldest_checkout_age_seconds",
                    "dbpool_server_connections", "dbpool_server_max_connections", "dbpool_server_usable_connections",
-                   "dbpool_max_connections", "dbpool_pool_info"):
+                   "dbpool_max_connections", "dbpool_pool_info", "dbpool_oldest_pending_acquire_age_seconds",
+                   "dbpool_site_checked_out_connections", "dbpool_site_oldest_checkout_age_seconds"):
         assert metric in exprs, metric
     usage = next(p for p in data["panels"] if p["title"] == "Pool usage")
     assert {"color": "red", "value": 0.8} in usage["fieldConfig"]["defaults"]["thresholds"]["steps"]

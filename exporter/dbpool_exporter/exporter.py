@@ -64,12 +64,14 @@ class Exporter:
         wait_buckets: Sequence[float] = WAIT_BUCKETS,
         hold_buckets: Sequence[float] = HOLD_BUCKETS,
         peak_window: float = 60.0,
+        sites: int = 5,
     ) -> Exporter:
         """Watch a SQLAlchemy ``Engine``/``AsyncEngine``/``Pool``, a psycopg_pool pool or a ``Source``.
 
         ``instrument`` adds the event-level hooks (acquire wait, hold time, peaks, waiters for
-        SQLAlchemy); ``leak_threshold`` (seconds) turns on leak reports. Returns the exporter,
-        so calls chain.
+        SQLAlchemy); ``leak_threshold`` (seconds) turns on leak reports; ``sites`` is how many
+        checkout sites (the application code holding connections) are named per pool, 0 for
+        none. Returns the exporter, so calls chain.
         """
         if not name or not isinstance(name, str):
             raise ValueError("a pool needs a non-empty name")
@@ -82,7 +84,7 @@ class Exporter:
         else:
             recorder = Recorder(wait_buckets=wait_buckets, hold_buckets=hold_buckets,
                                 leak_threshold=leak_threshold, peak_window=peak_window,
-                                pool_name=name) if instrument else None
+                                pool_name=name, sites=sites) if instrument else None
             source = _source_for(name, target, interval, recorder)
         self.poller.add(source)
         return self

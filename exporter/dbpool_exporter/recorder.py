@@ -1,9 +1,16 @@
-"""Event-level pool truth (acquire wait, hold time, peaks, leaks) with a tiny hot path.
+"""Event-level pool truth (acquire wait, hold time, peaks, leaks, holding sites) with a tiny hot path.
 
-The host application's checkout path only appends floats to deques and updates a dict; folding
-those into histograms, computing peaks and looking for leaks happens in ``fold()``, which the
-scheduler calls from the poll job, off the hot path. ``deque.append``/``popleft``, ``dict``
-item assignment and ``pop`` are atomic under the GIL, so no lock is taken while the host waits.
+The host application's checkout path only appends floats to deques and updates a dict and a set;
+folding those into histograms, computing peaks, attributing holders to sites and looking for leaks
+happens in ``fold()``, which the scheduler calls from the poll job, off the hot path.
+``deque.append``/``popleft``, ``set.add``/``discard``, ``dict`` item assignment and ``pop`` are
+atomic under the GIL, so no lock is taken while the host waits. The start time of a caller is kept
+only when it enters acquire with the pool full (it will queue), so a pool with room pays one
+truth test of an empty set for the oldest-waiter gauge.
+
+Checkout sites (the application code that took a connection) are captured only while the pool
+is busy: at least half its connections out, or one held longer than ``site_age``. A quiet pool
+pays one comparison per checkout; a pool heading for exhaustion, or a leak, names its holders.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from dataclasses import dataclass
 from types import CodeType, FrameType
 from typing import Sequence
 
+from . import sites as _sites
 from .snapshot import Histogram
 
 log = logging.getLogger("dbpool_exporter.leaks")
@@ -32,13 +40,23 @@ HOLD_BUCKETS: tuple[float, ...] = (
     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0,
 )
 _STACK_DEPTH = 24
+# A checkout held this long (seconds) opens site capture for every checkout, so a slow leak in a
+# quiet pool is attributed from its second connection on.
+SITE_AGE = 10.0
 _now = time.perf_counter  # a module global is found faster than time.perf_counter
+# Gates are ints (an int comparison is the cheapest on the hot path); this one is never passed.
+NEVER = sys.maxsize
+
+
+def _gate(value: float) -> int:
+    return int(value) if value < NEVER else NEVER
 
 
 @dataclass(frozen=False, slots=True)
 class _Checkout:
     started: float
-    stack: tuple[tuple[CodeType, int], ...] | None
+    site: tuple[CodeType, int] | None
+    stack: tuple[tuple[CodeType, int], ...] | None = None
     reported: bool = False
 
 
@@ -81,24 +99,36 @@ class Recorder:
         leak_threshold: float | None = None,
         peak_window: float = 60.0,
         pool_name: str = "",
+        sites: int = 5,
+        site_age: float = SITE_AGE,
     ) -> None:
         self.waits: deque[float] = deque()
         self.holds: deque[float] = deque()
         self.waiting: deque[None] = deque()  # one entry per caller inside acquire
+        # Start times of the callers that entered acquire with the pool full: they queue. Two
+        # starting in the same clock tick share an entry, which only matters for that instant.
+        self.queued: set[float] = set()
         # The pool's limit, kept current by the source: a caller inside acquire only waits
         # for the pool when every connection up to this limit is already out.
         self._capacity: float = float("inf")
         self.timeouts: deque[None] = deque()  # a deque's length is an atomic counter
-        # Checkout start times, or _Checkout records when leak detection is on.
-        self.out: dict[int, float | _Checkout] = {}
+        # Checkout start times; (start, site) while sites are captured; _Checkout records when
+        # leak detection is on.
+        self.out: dict[int, float | tuple[float, _sites.Site | None] | _Checkout] = {}
         self.out_peak = 0
         self.waiting_peak = 0
         # capacity + waiting_peak: a caller entering acquire raises the peak when len(out) +
         # len(waiting) exceeds it, one comparison instead of float arithmetic on the hot path.
-        self.peak_gate: float = self._capacity
+        self.peak_gate: int = NEVER
+        # A caller entering acquire queues when len(out) + len(waiting) exceeds the capacity.
+        self.full_gate: int = NEVER
         self.leak_threshold = leak_threshold
         self.peak_window = peak_window
         self.pool_name = pool_name
+        self.sites = max(0, int(sites))
+        self.site_age = site_age
+        # The hooks capture a checkout's site when len(out) >= site_gate; fold() keeps it current.
+        self.site_gate: int = 0 if leak_threshold is not None else NEVER
         self._wait_hist = _Folded(wait_buckets)
         self._hold_hist = _Folded(hold_buckets)
         self._peaks: deque[tuple[float, int, int]] = deque()
@@ -111,15 +141,19 @@ class Recorder:
     @capacity.setter
     def capacity(self, value: float) -> None:
         self._capacity = value
-        self.peak_gate = value + self.waiting_peak
+        self.peak_gate = _gate(value + self.waiting_peak)
+        self.full_gate = _gate(value)
+        self._open_site_gate(0.0)
 
     # --- hot path -------------------------------------------------------------------------
     # The sources' acquire hooks do the bookkeeping inline (a Python call is a sizeable share of a
-    # checkout: bench/checkout.py): on entry append to ``waiting`` and raise the waiting peak past
-    # ``peak_gate``; on success pop ``waiting``, append the wait, store ``out[key]`` (a start time,
-    # or ``checkout(now)`` with leak detection) and raise ``out_peak``. A change here goes there too.
+    # checkout: bench/checkout.py): on entry append to ``waiting`` and, past ``full_gate``, call
+    # ``queue()``; on success pop ``waiting`` (and discard from a non-empty ``queued``), append the
+    # wait, store ``out[key]`` (a start time, or ``checkout(now)`` once ``len(out)`` reaches
+    # ``site_gate``) and raise ``out_peak``. A change here goes there too.
     def acquire_failed(self, started: float, timed_out: bool) -> None:
         self.waiting.pop()
+        self.queued.discard(started)
         if timed_out:
             self.waits.append(_now() - started)
             self.timeouts.append(None)
@@ -133,19 +167,35 @@ class Recorder:
                 self.released_checkout(checkout)  # type: ignore[arg-type]
 
     # --- their slower branches ----------------------------------------------------------------
+    def queue(self, inside: int, started: float) -> None:
+        """``inside`` callers hold or wait for a connection, more than the pool has: this one queues.
+
+        ``peak_gate`` (capacity + waiting peak) is never below ``full_gate`` (capacity), so the
+        waiting peak needs checking only here.
+        """
+        self.queued.add(started)
+        if inside > self.peak_gate:
+            self.raise_waiting_peak(inside)
+
     def raise_waiting_peak(self, inside: int) -> None:
         """``inside`` callers hold or wait for a connection: more than ever since the last fold."""
         self.waiting_peak = int(inside - self._capacity)
-        self.peak_gate = self._capacity + self.waiting_peak
+        self.peak_gate = _gate(self._capacity + self.waiting_peak)
 
-    def checkout(self, now: float) -> _Checkout:
-        """The leak-detection record of a checkout; called by the hook, so the stack skips it."""
-        return _Checkout(now, _capture_stack())
+    def checkout(self, now: float) -> _Checkout | tuple[float, _sites.Site | None]:
+        """A checkout with its site: (start, site), or with leak detection a record holding its
+        stack, where fold() finds the site. Called by the hook, so both skip it."""
+        if self.leak_threshold is None:
+            return now, _capture_site(2)  # a tuple: no Python-level __init__ on the hot path
+        return _Checkout(now, None, _capture_stack())
 
-    def released_checkout(self, checkout: _Checkout) -> None:
-        held = _now() - checkout.started
+    def released_checkout(self, checkout: _Checkout | tuple[float, _sites.Site | None]) -> None:
+        if checkout.__class__ is tuple:
+            self.holds.append(_now() - checkout[0])  # type: ignore[index]
+            return
+        held = _now() - checkout.started  # type: ignore[union-attr]
         self.holds.append(held)
-        if checkout.reported:
+        if checkout.reported:  # type: ignore[union-attr]
             log.warning("previously reported leaked connection returned pool=%s held_seconds=%.1f",
                         self.pool_name, held)
 
@@ -161,7 +211,7 @@ class Recorder:
         # Reset the between-polls maxima to the present, then remember this poll's maxima.
         out_max, self.out_peak = max(self.out_peak, out_now, checked_out_now or 0), out_now
         wait_max, self.waiting_peak = max(self.waiting_peak, waiting_now), waiting_now
-        self.peak_gate = self._capacity + waiting_now
+        self.peak_gate = _gate(self._capacity + waiting_now)
         peaks = self._peaks
         peaks.append((now_mono, out_max, wait_max))
         while peaks and peaks[0][0] < now_mono - self.peak_window:
@@ -170,6 +220,8 @@ class Recorder:
         oldest = max((now - _started(c) for c in checkouts), default=0.0)
         if self.leak_threshold is not None:
             self._report_leaks([c for c in checkouts if c.__class__ is _Checkout], now)
+        first_waiter = min(self.queued, default=None)
+        self._open_site_gate(oldest)
         return {
             "acquire_wait": self._wait_hist.snapshot(),
             "hold": self._hold_hist.snapshot(),
@@ -178,8 +230,45 @@ class Recorder:
             "checked_out_peak": max(p[1] for p in peaks),
             "pending_peak": max(p[2] for p in peaks),
             "oldest_checkout_age": oldest,
+            "oldest_pending_age": max(0.0, now - first_waiter) if first_waiter is not None else 0.0,
             "leaks": self.leaks if self.leak_threshold is not None else None,
+            "sites": self._top_sites(checkouts, now) if self.sites else None,
         }
+
+    def _open_site_gate(self, oldest: float) -> None:
+        if self.leak_threshold is not None or (self.sites and oldest > self.site_age):
+            self.site_gate = 0
+        elif self.sites:
+            # Half used; an unbounded pool has no half, only age opens it.
+            self.site_gate = _gate((self._capacity + 1) // 2) if self._capacity < NEVER else NEVER
+        else:
+            self.site_gate = NEVER
+
+    def _top_sites(self, checkouts: list[float | tuple[float, _sites.Site | None] | _Checkout],
+                   now: float) -> tuple[tuple[str, int, float], ...]:
+        """(site, connections held, oldest age) for the top ``sites`` sites by count, then ``other``.
+
+        ``other`` also holds checkouts taken while the pool was quiet, whose site was not captured.
+        """
+        held: dict[str, list[float]] = {}  # label -> [count, oldest age]
+        other = [0, 0.0]
+        for c in checkouts:
+            site = None
+            if c.__class__ is tuple:
+                site = c[1]  # type: ignore[index]
+            elif c.__class__ is _Checkout:
+                site = c.site  # type: ignore[union-attr]
+                if site is None and c.stack:  # type: ignore[union-attr]
+                    site = c.site = _sites.first_in(c.stack)  # type: ignore[union-attr]
+            entry = held.setdefault(_sites.label(site), [0, 0.0]) if site is not None else other
+            entry[0] += 1
+            entry[1] = max(entry[1], now - _started(c))
+        ranked = sorted(held.items(), key=lambda item: (-item[1][0], -item[1][1], item[0]))
+        for _, (count, age) in ranked[self.sites:]:
+            other[0] += count
+            other[1] = max(other[1], age)
+        top = [(site, int(count), age) for site, (count, age) in ranked[: self.sites]]
+        return (*top, (_sites.OTHER, int(other[0]), other[1]))
 
     def blocked(self) -> int:
         """Callers inside acquire beyond the pool's limit: those waiting for a connection."""
@@ -196,8 +285,13 @@ class Recorder:
                             format_stack(c.stack or ()))
 
 
-def _started(checkout: float | _Checkout) -> float:
-    return checkout if checkout.__class__ is float else checkout.started  # type: ignore[union-attr,return-value]
+_capture_site = _sites.capture
+
+
+def _started(checkout: float | tuple[float, _sites.Site | None] | _Checkout) -> float:
+    if checkout.__class__ is float:
+        return checkout  # type: ignore[return-value]
+    return checkout[0] if checkout.__class__ is tuple else checkout.started  # type: ignore[index,union-attr]
 
 
 def _capture_stack() -> tuple[tuple[CodeType, int], ...]:
@@ -211,35 +305,13 @@ def _capture_stack() -> tuple[tuple[CodeType, int], ...]:
         if frame is None:
             # SQLAlchemy's asyncio layer runs the pool inside a greenlet whose stack ends at
             # greenlet_spawn; the application's coroutines are on the parent greenlet's stack.
-            frame = _parent_greenlet_frame(hops)
+            frame = _sites.parent_greenlet_frame(hops)
             hops += 1
             if frame is None:
                 break
         stack.append((frame.f_code, frame.f_lasti))
         frame = frame.f_back
     return tuple(stack)
-
-
-def _parent_greenlet_frame(hops: int) -> FrameType | None:
-    greenlet = sys.modules.get("greenlet")
-    if greenlet is None:
-        return None
-    current = greenlet.getcurrent()
-    for _ in range(hops + 1):
-        current = current.parent
-        if current is None:
-            return None
-    return current.gr_frame
-
-
-def _lineno(code: CodeType, lasti: int) -> int | None:
-    """What ``frame.f_lineno`` said at bytecode offset ``lasti``."""
-    if lasti < 0:
-        return code.co_firstlineno
-    for start, end, line in code.co_lines():
-        if start <= lasti < end:
-            return line
-    return None
 
 
 def format_stack(stack: tuple[tuple[CodeType, int], ...]) -> str:
@@ -249,5 +321,5 @@ def format_stack(stack: tuple[tuple[CodeType, int], ...]) -> str:
         filename = code.co_filename
         if "/sqlalchemy/" in filename or "/psycopg_pool/" in filename or "/dbpool_exporter/" in filename:
             continue
-        lines.append(f'  File "{filename}", line {_lineno(code, lasti)}, in {code.co_name}')
+        lines.append(f'  File "{filename}", line {_sites.lineno(code, lasti)}, in {code.co_name}')
     return "\n".join(lines)

@@ -51,7 +51,10 @@ class PoolSnapshot:
     checked_out_peak: int | None = None
     pending_peak: int | None = None
     oldest_checkout_age: float | None = None
+    oldest_pending_age: float | None = None
     leaks: int | None = None
+    # (site, connections held, oldest age) for the top sites, ``other`` last.
+    sites: tuple[tuple[str, int, float], ...] | None = None
 
     def emit(self, name: str, out: Families) -> None:
         labels = {"pool": name, "kind": self.kind}
@@ -85,6 +88,8 @@ class PoolSnapshot:
              "Highest number of waiting callers seen in the recent window."),
             ("dbpool_oldest_checkout_age_seconds", self.oldest_checkout_age,
              "Age of the longest-held checked-out connection (0 when none is out)."),
+            ("dbpool_oldest_pending_acquire_age_seconds", self.oldest_pending_age,
+             "How long the longest-waiting caller has been waiting for a connection (0 when none waits)."),
         ):
             if value is not None:
                 out.gauge(metric, doc, labels, value)
@@ -94,6 +99,13 @@ class PoolSnapshot:
         if self.leaks is not None:
             out.counter("dbpool_leaked_connections",
                         "Checkouts held past the pool's leak-detection threshold.", labels, self.leaks)
+        for site, held, age in self.sites or ():
+            out.gauge("dbpool_site_checked_out_connections",
+                      "Connections checked out now, by the application code that took them (top sites, then "
+                      "other).", {**labels, "site": site}, held)
+            out.gauge("dbpool_site_oldest_checkout_age_seconds",
+                      "Age of the oldest connection checked out by each site (0 when it holds none).",
+                      {**labels, "site": site}, age)
         for metric, value in self.counters.items():
             out.counter(metric, COUNTER_HELP.get(metric, metric), labels, value)
         if self.acquire_wait is not None:

@@ -92,14 +92,15 @@ def _install(pool: BasePool, recorder: Recorder) -> None:
     cls = type(pool)
     getconn, putconn = cls.getconn.__get__(pool), cls.putconn.__get__(pool)  # type: ignore[attr-defined]
     failed = recorder.acquire_failed
-    waiting, waits, holds, out = recorder.waiting, recorder.waits, recorder.holds, recorder.out
+    waiting, queued, waits, holds, out = (recorder.waiting, recorder.queued, recorder.waits, recorder.holds,
+                                           recorder.out)
     if inspect.iscoroutinefunction(cls.getconn):  # type: ignore[attr-defined]
         async def agetconn(timeout: float | None = None) -> Any:
+            started = _now()
             waiting.append(None)
             inside = len(out) + len(waiting)
-            if inside > recorder.peak_gate:
-                recorder.raise_waiting_peak(inside)
-            started = _now()
+            if inside > recorder.full_gate:  # the pool is full: this caller queues
+                recorder.queue(inside, started)
             try:
                 conn = await getconn(timeout)
             except PoolTimeout:
@@ -110,30 +111,32 @@ def _install(pool: BasePool, recorder: Recorder) -> None:
                 raise
             now = _now()
             waiting.pop()
+            if queued:
+                queued.discard(started)
             waits.append(now - started)
-            out[id(conn)] = now if recorder.leak_threshold is None else recorder.checkout(now)
-            if len(out) > recorder.out_peak:
-                recorder.out_peak = len(out)
+            held = len(out)
+            out[id(conn)] = now if held < recorder.site_gate else recorder.checkout(now)
+            if held >= recorder.out_peak:
+                recorder.out_peak = held + 1
             return conn
 
         async def aputconn(conn: Any) -> None:
             checkout = out.pop(id(conn), None)
-            if checkout is not None:
-                if checkout.__class__ is float:
-                    holds.append(_now() - checkout)
-                else:
-                    recorder.released_checkout(checkout)
+            if checkout.__class__ is float:
+                holds.append(_now() - checkout)
+            elif checkout is not None:
+                recorder.released_checkout(checkout)
             await putconn(conn)
 
         pool.getconn, pool.putconn = agetconn, aputconn  # type: ignore[method-assign]
         return
 
     def sgetconn(timeout: float | None = None) -> Any:
+        started = _now()
         waiting.append(None)
         inside = len(out) + len(waiting)
-        if inside > recorder.peak_gate:
-            recorder.raise_waiting_peak(inside)
-        started = _now()
+        if inside > recorder.full_gate:  # the pool is full: this caller queues
+            recorder.queue(inside, started)
         try:
             conn = getconn(timeout)
         except PoolTimeout:
@@ -144,19 +147,21 @@ def _install(pool: BasePool, recorder: Recorder) -> None:
             raise
         now = _now()
         waiting.pop()
+        if queued:
+            queued.discard(started)
         waits.append(now - started)
-        out[id(conn)] = now if recorder.leak_threshold is None else recorder.checkout(now)
-        if len(out) > recorder.out_peak:
-            recorder.out_peak = len(out)
+        held = len(out)
+        out[id(conn)] = now if held < recorder.site_gate else recorder.checkout(now)
+        if held >= recorder.out_peak:
+            recorder.out_peak = held + 1
         return conn
 
     def sputconn(conn: Any) -> None:
         checkout = out.pop(id(conn), None)
-        if checkout is not None:
-            if checkout.__class__ is float:
-                holds.append(_now() - checkout)
-            else:
-                recorder.released_checkout(checkout)
+        if checkout.__class__ is float:
+            holds.append(_now() - checkout)
+        elif checkout is not None:
+            recorder.released_checkout(checkout)
         putconn(conn)
 
     pool.getconn, pool.putconn = sgetconn, sputconn  # type: ignore[method-assign]

@@ -132,18 +132,18 @@ def _timed_connect(pool: Pool, recorder: Recorder, fast: bool) -> Any:
     # touching the class. Deleting the attribute restores the original method exactly.
     original = type(pool).connect.__get__(pool)
     failed = recorder.acquire_failed
-    waiting, waits, out = recorder.waiting, recorder.waits, recorder.out
+    waiting, queued, waits, out = recorder.waiting, recorder.queued, recorder.waits, recorder.out
     # A checkout is keyed by its pool record (or the record's info dict, which lives as long):
     # both the checkout and every way back to the pool name it.
     record_of = attrgetter("_connection_record" if fast else "info")
 
     def connect() -> Any:
         # Recorder.acquire_started() and .acquired(), inlined: one frame instead of three.
+        started = _now()
         waiting.append(None)
         inside = len(out) + len(waiting)
-        if inside > recorder.peak_gate:
-            recorder.raise_waiting_peak(inside)
-        started = _now()
+        if inside > recorder.full_gate:  # the pool is full: this caller queues
+            recorder.queue(inside, started)
         try:
             fairy = original()
         except exc.TimeoutError:
@@ -154,10 +154,13 @@ def _timed_connect(pool: Pool, recorder: Recorder, fast: bool) -> Any:
             raise
         now = _now()
         waiting.pop()
+        if queued:
+            queued.discard(started)
         waits.append(now - started)
-        out[id(record_of(fairy))] = now if recorder.leak_threshold is None else recorder.checkout(now)
-        if len(out) > recorder.out_peak:
-            recorder.out_peak = len(out)
+        held = len(out)
+        out[id(record_of(fairy))] = now if held < recorder.site_gate else recorder.checkout(now)
+        if held >= recorder.out_peak:
+            recorder.out_peak = held + 1
         return fairy
 
     return connect
@@ -172,11 +175,10 @@ def _timed_return(pool: Pool, recorder: Recorder) -> Any:
     def _return_conn(record: Any) -> None:
         # Recorder.released(), inlined.
         checkout = out.pop(id(record), None)
-        if checkout is not None:
-            if checkout.__class__ is float:
-                holds.append(_now() - checkout)
-            else:
-                recorder.released_checkout(checkout)
+        if checkout.__class__ is float:
+            holds.append(_now() - checkout)
+        elif checkout is not None:
+            recorder.released_checkout(checkout)
         original_return(record)
 
     return _return_conn
