@@ -14,6 +14,7 @@ from urllib.parse import urlencode
 
 import asyncpg
 
+from .. import conninfo
 from ..families import Families
 from ..redact import scrub, server_label
 
@@ -196,15 +197,14 @@ def build_snapshot(server: str, rows: Iterable[Any], capacity: dict[str, int], *
 def connect_params(dsn: str) -> tuple[str, dict[str, str]]:
     """asyncpg DSN and libpq-parsed parameters of a URI or ``key=value`` conninfo.
 
-    libpq (through psycopg) is the parser of record, so the ``server`` label comes out exactly as the
-    pools' does; asyncpg only reads URIs, so the parsed parameters are re-encoded as URI query parameters.
+    libpq's grammar is the one of record, so the ``server`` label comes out exactly as the pools' does
+    (:mod:`..conninfo` parses as libpq does, without loading psycopg into the daemon); asyncpg only reads
+    URIs, so the parsed parameters are re-encoded as URI query parameters.
     Raises ``ValueError`` with a message that never quotes the DSN.
     """
-    from psycopg.conninfo import conninfo_to_dict
-
     try:
-        params = {k: str(v) for k, v in conninfo_to_dict(dsn).items()}
-    except Exception:
+        params = conninfo.parse(dsn)
+    except ValueError:
         raise ValueError("not a valid PostgreSQL connection string (URI or key=value conninfo)") from None
     # asyncpg would send any parameter it does not know as a server setting, and the server would refuse
     # libpq's client-side ones; application_name is ours, the timeouts come from the config.
