@@ -15,7 +15,8 @@ DAEMON_PACKAGES = ("asyncpg", "yaml", "bcrypt", "apscheduler", "tzlocal")
 POOL_PACKAGES = ("sqlalchemy", "psycopg", "psycopg_pool", "psycopg_binary", "greenlet")
 # Our modules that `run` has no use for: subcommands, the demo's workload, test infrastructure, pool sources.
 NOT_FOR_RUN = ("dbpool_exporter.demo", "dbpool_exporter.budget", "dbpool_exporter.workload",
-               "dbpool_exporter.throwaway", "dbpool_exporter.sources.sqlalchemy", "dbpool_exporter.sources.psycopg")
+               "dbpool_exporter.throwaway", "dbpool_exporter.sources.sqlalchemy", "dbpool_exporter.sources.psycopg",
+               "dbpool_exporter.sources.pgbouncer")
 
 # Installed as a meta path finder, it makes the named top-level packages absent, as in a core-only install.
 BLOCK = """
@@ -64,6 +65,25 @@ def test_core_only_install() -> None:
         assert result.returncode == 1, result.stderr
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and "pip install 'dbpool-exporter[daemon]'" in lines[0], result.stderr
+
+
+def test_check_config_parses_dsns_without_psycopg(tmp_path: Path) -> None:
+    """Validating servers and PgBouncers reads their DSNs with libpq's grammar, not psycopg's libpq."""
+    config = tmp_path / "config.yml"
+    config.write_text("servers:\n  - name: main\n    dsn: host=db1 dbname=app\n"
+                      "pgbouncers:\n  - name: bouncer\n    dsn: postgresql://stats@db1:6432/pgbouncer\n")
+    result = _python("""
+        import json, sys
+        from dbpool_exporter.cli import main
+        code = main(sys.argv[1:])
+        print(json.dumps(sorted(sys.modules)))
+        sys.exit(code)
+    """, "check-config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("ok: ")
+    modules = json.loads(result.stdout.splitlines()[-1])
+    assert "dbpool_exporter.sources.pgbouncer" in modules  # its DSN was checked
+    assert _loaded(modules, POOL_PACKAGES) == []
 
 
 def test_run_with_servers_only_loads_no_pool_library(pg_dsn: str, tmp_path: Path) -> None:

@@ -405,8 +405,6 @@ def parse(data: Any, *, env: Mapping[str, str], origin: str = "") -> Config:
 def _pgbouncers(raw_list: Any, defaults: dict[str, Any], names: set[str], env: Mapping[str, str],
                 problems: list[str], secrets: set[str]) -> tuple[PgBouncerConfig, ...]:
     """``pgbouncers:``, entries shaped like servers; names are unique across both lists (they name sources)."""
-    from .sources.pgbouncer import connect_params as pgbouncer_params
-
     if not isinstance(raw_list, list):
         problems.append(f"pgbouncers: expected a list, got {type(raw_list).__name__}")
         return ()
@@ -433,6 +431,9 @@ def _pgbouncers(raw_list: Any, defaults: dict[str, Any], names: set[str], env: M
             continue
         dsn, address = target
         key = next(k for k in DSN_KEYS if k in raw)
+        # Here, not at the top: a config without PgBouncers never loads its source (1 MB resident).
+        from .sources.pgbouncer import connect_params as pgbouncer_params
+
         try:
             pgbouncer_params(dsn)
         except ValueError as e:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Awaitable, Iterable, Mapping, TypeVar
 
+from .. import conninfo
 from ..families import Families
 from ..redact import scrub, server_label
 from ..snapshot import PoolSnapshot
@@ -346,11 +347,9 @@ def connect_params(dsn: str) -> dict[str, str]:
 
     Raises ``ValueError`` with a message that never quotes the DSN.
     """
-    from psycopg.conninfo import conninfo_to_dict
-
     try:
-        params = {k: str(v) for k, v in conninfo_to_dict(dsn).items()}
-    except Exception:
+        params = conninfo.parse(dsn)  # libpq's grammar; psycopg is loaded only when the source connects
+    except ValueError:
         raise ValueError("not a valid PostgreSQL connection string (URI or key=value conninfo)") from None
     dbname = params.setdefault("dbname", ADMIN_DATABASE)
     if dbname != ADMIN_DATABASE:
