@@ -7,6 +7,7 @@ missing and we are root). Figures are printed, never asserted.
 
     python bench/rss.py                    # ~1 min
     python bench/rss.py --variants plain,arena2 --smaps
+    python bench/rss.py --layers           # where the memory goes: each import layer's share
 """
 
 from __future__ import annotations
@@ -132,6 +133,39 @@ def measure(name: str, cmd: list[str], env: dict[str, str], port: int, polls: in
         return figures
 
 
+# What `run` imports, layer by layer, each measured on top of the ones before it (--layers).
+LAYERS = (
+    ("interpreter", "pass"),
+    ("ssl (OpenSSL 3)", "import ssl"),
+    ("asyncio", "import asyncio"),
+    ("logging, json, argparse", "import logging, json, argparse, dataclasses"),
+    ("prometheus_client", "import prometheus_client"),
+    ("asyncpg", "import asyncpg"),
+    ("yaml", "import yaml"),
+    ("bcrypt", "import bcrypt"),
+    ("dbpool_exporter (run's modules)", "import dbpool_exporter.cli, dbpool_exporter.daemon, "
+                                        "dbpool_exporter.sources.postgres"),
+    ("apscheduler (poll jobs)", "import apscheduler.schedulers.asyncio, apscheduler.schedulers.background, "
+                                "apscheduler.triggers.interval, apscheduler.executors.pool"),
+)
+_LAYER_SCRIPT = """
+import re, sys
+def rss():
+    return int(re.search(r"VmRSS:\\s+(\\d+)", open("/proc/self/status").read()).group(1))
+before = 0
+for name, statement in LAYERS:
+    exec(statement)
+    now = rss()
+    print(f"{name:<34} {(now - before) / 1024:>+6.1f} MB  (total {now / 1024:5.1f}, {len(sys.modules)} modules)")
+    before = now
+"""
+
+
+def layers() -> None:
+    print("Resident memory by import layer (a fresh interpreter, no connection):")
+    subprocess.run([sys.executable, "-c", f"LAYERS = {LAYERS!r}\n" + _LAYER_SCRIPT], check=True, timeout=120)
+
+
 def ensure_postgres_exporter() -> str | None:
     path = shutil.which(PG_EXPORTER) or (f"/usr/bin/{PG_EXPORTER}" if os.path.exists(f"/usr/bin/{PG_EXPORTER}")
                                           else None)
@@ -163,7 +197,11 @@ def main() -> int:
     parser.add_argument("--interval", type=float, default=1.0, help="the daemon's poll interval, seconds")
     parser.add_argument("--variants", default="plain,arena2", help=f"of {', '.join(VARIANTS)}")
     parser.add_argument("--smaps", action="store_true", help="also print each process's largest mappings")
+    parser.add_argument("--layers", action="store_true", help="only print what each import layer costs")
     args = parser.parse_args()
+    if args.layers:
+        layers()
+        return 0
     if not 1 <= args.connections <= 1050 or not 1 <= args.polls <= 100:
         parser.error("--connections 1..1050, --polls 1..100")
     variants = [v for v in args.variants.split(",") if v]
