@@ -47,6 +47,43 @@ def test_import_loads_no_extra() -> None:
     assert _loaded(modules, DAEMON_PACKAGES + POOL_PACKAGES) == []
 
 
+def _app_modules(setup: str, *args: str) -> list[str]:
+    """sys.modules of an app that registered one pool and served one scrape."""
+    result = _python(f"""
+        import json, sys
+        from prometheus_client import generate_latest
+        import dbpool_exporter
+        {setup}
+        exporter = dbpool_exporter.Exporter().register("app", pool).start()
+        exporter.poll_now()
+        text = generate_latest(exporter.registry).decode()
+        assert "dbpool_connections" in text, text
+        exporter.stop()
+        print(json.dumps(sorted(sys.modules)))
+    """, *args)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+def test_sqlalchemy_app_loads_no_psycopg_and_no_daemon_library(tmp_path: Path) -> None:
+    modules = _app_modules("""
+        from sqlalchemy import create_engine
+        from sqlalchemy.pool import QueuePool
+        pool = create_engine("sqlite:///" + sys.argv[1], poolclass=QueuePool)
+    """, str(tmp_path / "app.db"))
+    assert "dbpool_exporter.sources.sqlalchemy" in modules
+    assert _loaded(modules, ("psycopg", "psycopg_pool", "psycopg_binary", "asyncpg", "yaml", "bcrypt")) == []
+
+
+def test_psycopg_app_loads_no_sqlalchemy_and_no_daemon_library(pg_dsn: str) -> None:
+    modules = _app_modules("""
+        from psycopg_pool import ConnectionPool
+        pool = ConnectionPool(sys.argv[1], min_size=1, max_size=2, open=True)
+    """, pg_dsn)
+    assert "dbpool_exporter.sources.psycopg" in modules
+    assert _loaded(modules, ("sqlalchemy", "greenlet", "asyncpg", "yaml", "bcrypt")) == []
+
+
 def test_core_only_install() -> None:
     """With every extra absent: the package imports and collects, ``run`` names the extra in one line."""
     blocked = DAEMON_PACKAGES + POOL_PACKAGES
