@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
-
-from dbpool_exporter.throwaway import free_port
 
 # The daemon's extra and the pool kinds' extras.
 DAEMON_PACKAGES = ("asyncpg", "yaml", "bcrypt", "apscheduler", "tzlocal")
@@ -28,6 +27,12 @@ class _Absent:
         return None
 sys.meta_path.insert(0, _Absent())
 """
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def _python(code: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
