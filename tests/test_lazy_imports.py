@@ -125,7 +125,7 @@ def test_check_config_parses_dsns_without_psycopg(tmp_path: Path) -> None:
     assert result.stdout.startswith("ok: ")
     modules = json.loads(result.stdout.splitlines()[-1])
     assert "dbpool_exporter.sources.pgbouncer" in modules  # its DSN was checked
-    assert _loaded(modules, POOL_PACKAGES) == []
+    assert _loaded(modules, POOL_PACKAGES + ("asyncpg",)) == []  # no connection made: no driver
 
 
 def test_run_with_servers_only_loads_no_pool_library(pg_dsn: str, tmp_path: Path) -> None:

@@ -9,14 +9,17 @@ import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 from urllib.parse import urlencode
-
-import asyncpg
 
 from .. import conninfo
 from ..families import Families
 from ..redact import scrub, server_label
+
+if TYPE_CHECKING:
+    # Imported where a connection is made: validating a config, or a daemon watching only PgBouncers,
+    # never loads asyncpg (4 MB resident).
+    import asyncpg
 
 APPLICATION_NAME = "dbpool-exporter"
 
@@ -292,6 +295,8 @@ class PostgresSource:
         return conn
 
     async def _open(self) -> tuple[asyncpg.Connection, list[Any]]:
+        import asyncpg
+
         conn = await asyncpg.connect(
             self._dsn, timeout=max(CONNECT_ATTEMPT_MAX, self.connect_timeout),
             server_settings={"application_name": APPLICATION_NAME,
@@ -318,10 +323,12 @@ class PostgresSource:
         return self.statement_timeout + 1.0
 
     async def poll(self) -> ServerSnapshot:
+        from asyncpg import QueryCanceledError
+
         conn = await self._connect()
         try:
             rows = await conn.fetch(ACTIVITY_SQL, timeout=self._client_timeout)
-        except asyncpg.QueryCanceledError as e:
+        except QueryCanceledError as e:
             # statement_timeout: the connection is healthy, only this poll is lost.
             raise ServerUnavailable(self._redact(f"query cancelled on {self.server}: {e}")) from None
         except Exception as e:
