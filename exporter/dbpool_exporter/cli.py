@@ -10,14 +10,21 @@ import importlib.util
 import logging
 import os
 import sys
-from typing import Any, NoReturn, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn, Sequence
 
 from . import __version__, logs
-from .config import Config, ConfigError, from_environment, load_file
-from .webconfig import WebConfig
 
-# Modules that add a subcommand through ``add_parser(subparsers)``; each is optional.
+if TYPE_CHECKING:
+    from .config import Config
+    from .webconfig import WebConfig
+
+# Modules that add a subcommand through ``add_parser(subparsers)``; each is optional, and imported only
+# when the command line is not one of the core commands (``run`` never loads the demo's pool libraries).
 PLUGINS = ("dbpool_exporter.demo", "dbpool_exporter.budget")
+CORE_COMMANDS = ("run", "check-config")
+# What the daemon's commands import that the core install lacks: they say which extra to install.
+DAEMON_EXTRA = "pip install 'dbpool-exporter[daemon]'"
+DAEMON_MODULES = ("asyncpg", "yaml", "bcrypt", "apscheduler")
 
 log = logging.getLogger("dbpool_exporter")
 
@@ -29,15 +36,36 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def _missing_extra(command: str, module: str | None) -> int:
+    print(f"dbpool-exporter: {command} needs {module} (the [daemon] extra): {DAEMON_EXTRA}", file=sys.stderr)
+    return 1
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:  # a meta path finder may refuse outright
+        return False
+
+
 def _run(args: argparse.Namespace) -> int:
+    # APScheduler is imported only once polling starts: look for it (and the rest) before anything runs.
+    missing = next((m for m in DAEMON_MODULES if not _installed(m)), None)
+    if missing:
+        return _missing_extra("run", missing)
+    try:
+        from .config import Config, ConfigError, from_environment, load_file
+        from .daemon import Daemon
+        from .httpserver import parse_listen_address
+        from .webconfig import WebConfigError, load_web_config
+    except ImportError as e:
+        return _missing_extra("run", e.name)
     logs.setup(args.log_level, args.log_format)
     path = args.config_file
     telemetry_path = args.web_telemetry_path
     if not telemetry_path.startswith("/") or telemetry_path == "/" or telemetry_path.startswith("/-/"):
         log.error("--web.telemetry-path: must start with / and not be / or under /-/, got %r", telemetry_path)
         return 2
-    from .httpserver import parse_listen_address
-    from .webconfig import WebConfigError, load_web_config
 
     try:
         parse_listen_address(args.web_listen_address)
@@ -68,8 +96,6 @@ def _run(args: argparse.Namespace) -> int:
             log.error("bad config: %s", problem)
         return 2
 
-    from .daemon import Daemon
-
     try:
         daemon = Daemon(config, loader, listen_address=args.web_listen_address, telemetry_path=telemetry_path,
                         web_config_loader=web_config_loader)
@@ -91,6 +117,10 @@ def _dsn_in_environment() -> bool:
 
 
 def _check_config(args: argparse.Namespace) -> int:
+    try:
+        from .config import ConfigError, load_file
+    except ImportError as e:
+        return _missing_extra("check-config", e.name)
     try:
         config = load_file(args.file)
     except ConfigError as e:
@@ -121,7 +151,7 @@ def _unavailable(command: str, reason: str) -> int:
     return 1
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
     parser = _Parser(prog="dbpool-exporter",
                      description="Prometheus exporter for database connection pools and PostgreSQL servers.")
     parser.add_argument("--version", action="version", version=f"dbpool-exporter {__version__}")
@@ -147,12 +177,16 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("file", metavar="FILE")
     check.set_defaults(func=_check_config)
 
-    _add_plugins(subparsers)
+    if plugins:
+        _add_plugins(subparsers)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # The command is the first word that is not a flag (the top level has only --help and --version).
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(plugins=command not in CORE_COMMANDS)
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, --version, bad flags: argparse already printed its line

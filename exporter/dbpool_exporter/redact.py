@@ -35,14 +35,16 @@ def redact(text: str, hidden: Iterable[str] = ()) -> str:
 
 
 def parse_dsn(dsn: str) -> dict[str, str]:
-    """libpq's parameters of a URI or ``key=value`` conninfo; ``ValueError`` that never quotes the DSN."""
-    from psycopg.conninfo import conninfo_to_dict
+    """libpq's parameters of a URI or ``key=value`` conninfo; ``ValueError`` that never quotes the DSN.
+
+    libpq's grammar in pure Python (conninfo.py), so the daemon validates DSNs without loading psycopg.
+    """
+    from .conninfo import parse
 
     try:
-        params = {k: str(v) for k, v in conninfo_to_dict(dsn).items()}
-    except Exception:
+        return parse(dsn)
+    except ValueError:
         raise ValueError("not a valid PostgreSQL connection string (URI or key=value conninfo)") from None
-    return params
 
 
 def server_label(host: Any, port: Any) -> str | None:

@@ -9,13 +9,16 @@ import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 from urllib.parse import urlencode
-
-import asyncpg
 
 from ..families import Families
 from ..redact import parse_dsn, redact, secrets, server_label
+
+if TYPE_CHECKING:
+    # Imported where a connection is made: validating a config, or a daemon watching only PgBouncers,
+    # never loads asyncpg (4 MB resident).
+    import asyncpg
 
 APPLICATION_NAME = "dbpool-exporter"
 
@@ -196,8 +199,9 @@ def build_snapshot(server: str, rows: Iterable[Any], capacity: dict[str, int], *
 def connect_params(dsn: str) -> tuple[str, dict[str, str]]:
     """asyncpg DSN and libpq-parsed parameters of a URI or ``key=value`` conninfo.
 
-    libpq (through psycopg) is the parser of record, so the ``server`` label comes out exactly as the
-    pools' does; asyncpg only reads URIs, so the parsed parameters are re-encoded as URI query parameters.
+    libpq's grammar is the one of record, so the ``server`` label comes out exactly as the pools' does
+    (:mod:`..conninfo` parses as libpq does, without loading psycopg into the daemon); asyncpg only reads
+    URIs, so the parsed parameters are re-encoded as URI query parameters.
     Raises ``ValueError`` with a message that never quotes the DSN.
     """
     params = parse_dsn(dsn)
@@ -284,6 +288,8 @@ class PostgresSource:
         return conn
 
     async def _open(self) -> tuple[asyncpg.Connection, list[Any]]:
+        import asyncpg
+
         conn = await asyncpg.connect(
             self._dsn, timeout=max(CONNECT_ATTEMPT_MAX, self.connect_timeout),
             server_settings={"application_name": APPLICATION_NAME,
@@ -310,10 +316,12 @@ class PostgresSource:
         return self.statement_timeout + 1.0
 
     async def poll(self) -> ServerSnapshot:
+        from asyncpg import QueryCanceledError
+
         conn = await self._connect()
         try:
             rows = await conn.fetch(ACTIVITY_SQL, timeout=self._client_timeout)
-        except asyncpg.QueryCanceledError as e:
+        except QueryCanceledError as e:
             # statement_timeout: the connection is healthy, only this poll is lost.
             raise ServerUnavailable(self._redact(f"query cancelled on {self.server}: {e}")) from None
         except Exception as e:
