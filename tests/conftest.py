@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -13,6 +14,7 @@ import psycopg
 import pytest
 from sqlalchemy.engine import make_url
 
+from daemonproc import DaemonProcess
 from dbpool_exporter.redact import scrub
 from dbpool_exporter.throwaway import NoBinaries, PgCluster, find_binaries
 
@@ -88,3 +90,26 @@ def launch(tmp_path: Path, pg_dsn: str) -> Iterator[Callable[..., Any]]:
 
     with launcher(tmp_path, pg_dsn) as start:
         yield start
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[DaemonProcess]]:
+    """Daemons a test started (it appends them); killed afterwards, whatever state a test left them in."""
+    started: list[DaemonProcess] = []
+    yield started
+    for d in started:
+        d.stop(signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from webtls import make_pki
+
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
+def hashes() -> dict[str, str]:
+    from webtls import make_hashes
+
+    return make_hashes()

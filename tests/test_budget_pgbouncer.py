@@ -13,8 +13,8 @@ import pytest
 from bouncer import Bouncer
 from prometheus_client import CollectorRegistry
 from sqlalchemy import Engine, create_engine, text
-from test_daemon import DaemonProcess, _env
 
+from daemonproc import DaemonProcess, clean_env
 from dbpool_exporter import Exporter, budget
 from dbpool_exporter.sources.pgbouncer import PgBouncerSource
 from dbpool_exporter.throwaway import PgCluster, free_port
@@ -49,7 +49,7 @@ class Setup:
         config = ("defaults: {interval: 0.3, backoff_max: 1}\n"
                   f"servers:\n  - name: pg\n    dsn: 'postgresql://postgres@{self.postgres}/postgres'\n"
                   "pgbouncers:\n  - name: pgb\n    dsn_env: PGB_DSN\n")
-        self.daemon = DaemonProcess(self.tmp_path, config, env=_env(PGB_DSN=self.bouncer.dsn("stats")))
+        self.daemon = DaemonProcess(self.tmp_path, config, env=clean_env(PGB_DSN=self.bouncer.dsn("stats")))
         self.daemon.wait_ready()
         self.daemon.wait_for(lambda: self.daemon.value("dbpool_source_up", source="pgb") == 1  # type: ignore[union-attr]
                              and self.daemon.value("dbpool_source_up", source="pg") == 1, "both sources up")

@@ -3,101 +3,18 @@
 from __future__ import annotations
 
 import gzip
-import os
 import signal
 import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import check_metrics
+from daemonproc import DaemonProcess, clean_env, exporter_command
 from dbpool_exporter.throwaway import PgCluster, free_port
-
-
-def _command() -> list[str]:
-    exe = Path(sys.executable).with_name("dbpool-exporter")
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "dbpool_exporter.cli"]
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DATA_SOURCE_NAME")}
-    return {**env, **extra}
-
-
-class DaemonProcess:
-    """One daemon on a free loopback port; its stderr (the log) goes to a file the test can read."""
-
-    def __init__(self, tmp_path: Path, config: str | None, *, env: dict[str, str] | None = None,
-                 args: tuple[str, ...] = ()) -> None:
-        self.port = free_port()
-        self.config_path = tmp_path / "dbpool.yml"
-        self.log_path = tmp_path / "daemon.log"
-        cmd = [*_command(), "run", "--web.listen-address", f"127.0.0.1:{self.port}", "--log.level", "debug", *args]
-        if config is not None:
-            self.write_config(config)
-            cmd += ["--config.file", str(self.config_path)]
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env or _env())
-
-    def write_config(self, text: str) -> None:
-        self.config_path.write_text(text)
-
-    def get(self, path: str) -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as response:
-                return response.status, response.read().decode()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read().decode()
-
-    def metrics(self) -> str:
-        status, body = self.get("/metrics")
-        assert status == 200
-        return body
-
-    def value(self, name: str, **labels: str) -> float | None:
-        for family in text_string_to_metric_families(self.metrics()):
-            for sample in family.samples:
-                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                    return sample.value
-        return None
-
-    def wait_for(self, check: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"daemon exited with {self.proc.returncode}:\n{self.log()}"
-            try:
-                if check():
-                    return
-            except (OSError, AssertionError):
-                pass  # not listening yet
-            time.sleep(0.1)
-        pytest.fail(f"timed out waiting for {what}; log:\n{self.log()}")
-
-    def wait_ready(self) -> None:
-        self.wait_for(lambda: self.get("/-/ready")[0] == 200, "/-/ready")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> tuple[int, float]:
-        """Signal it and wait; returns the exit code and how long it took (reported, not asserted)."""
-        started = time.monotonic()
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            code = self.proc.wait(timeout=timeout)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-            self._log.close()
-        return code, time.monotonic() - started
 
 
 @pytest.fixture
@@ -147,7 +64,7 @@ def test_serves_and_stops_on_signal(daemon, pg_dsn: str, promtool: str, sig: int
 
 
 def test_dsn_from_environment_and_custom_path(daemon, pg_dsn: str) -> None:  # type: ignore[no-untyped-def]
-    d = daemon(None, env=_env(DATA_SOURCE_NAME=pg_dsn), args=("--web.telemetry-path", "/probe", "--log.format",
+    d = daemon(None, env=clean_env(DATA_SOURCE_NAME=pg_dsn), args=("--web.telemetry-path", "/probe", "--log.format",
                                                              "json"))
     d.wait_for(lambda: d.get("/probe")[0] == 200 and "dbpool_source_up" in d.get("/probe")[1], "/probe")
     d.wait_for(lambda: 'dbpool_source_up{kind="postgres",source="default"} 1.0' in d.get("/probe")[1], "up")
@@ -198,8 +115,8 @@ def test_sighup_reload_good_and_bad(daemon, pg_dsn: str, second_server: str) -> 
 ])
 def test_bad_flags_one_line_exit_2(args: tuple[str, ...], needle: str) -> None:
     port = free_port()
-    result = subprocess.run([*_command(), "run", "--web.listen-address", f"127.0.0.1:{port}", *args],
-                            capture_output=True, text=True, timeout=30, env=_env())
+    result = subprocess.run([*exporter_command(), "run", "--web.listen-address", f"127.0.0.1:{port}", *args],
+                            capture_output=True, text=True, timeout=30, env=clean_env())
     output = (result.stdout + result.stderr).strip()
     assert result.returncode == 2, output
     assert len(output.splitlines()) == 1 and needle in output and "Traceback" not in output, output
@@ -210,8 +127,8 @@ def test_port_in_use_is_one_line(daemon, pg_dsn: str, tmp_path: Path) -> None:  
     d.wait_ready()
     config = tmp_path / "other.yml"
     config.write_text(_config(("local", pg_dsn)))
-    result = subprocess.run([*_command(), "run", "--web.listen-address", f"127.0.0.1:{d.port}",
-                             "--config.file", str(config)], capture_output=True, text=True, timeout=30, env=_env())
+    result = subprocess.run([*exporter_command(), "run", "--web.listen-address", f"127.0.0.1:{d.port}",
+                             "--config.file", str(config)], capture_output=True, text=True, timeout=30, env=clean_env())
     output = (result.stdout + result.stderr).strip()
     assert result.returncode == 1 and len(output.splitlines()) == 1 and "cannot listen" in output, output
 
@@ -239,9 +156,9 @@ def test_web_config_guards_every_daemon_endpoint(daemon, tmp_path: Path, pg_dsn:
 def test_bad_web_config_is_one_line_and_exit_2(tmp_path: Path) -> None:
     web = tmp_path / "web.yml"
     web.write_text("tls_server_config:\n  cert_file: missing.crt\n  key_file: missing.key\n")
-    result = subprocess.run([*_command(), "run", "--web.config.file", str(web), "--web.listen-address",
+    result = subprocess.run([*exporter_command(), "run", "--web.config.file", str(web), "--web.listen-address",
                              f"127.0.0.1:{free_port()}"], capture_output=True, text=True, timeout=30,
-                            env=_env(DATA_SOURCE_NAME="postgresql://postgres@127.0.0.1:1/x"))
+                            env=clean_env(DATA_SOURCE_NAME="postgresql://postgres@127.0.0.1:1/x"))
     assert result.returncode == 2
     lines = (result.stdout + result.stderr).strip().splitlines()
     assert len(lines) == 1 and "--web.config.file" in lines[0] and "cert_file" in lines[0], lines

@@ -16,8 +16,8 @@ from urllib.parse import quote
 
 import psycopg
 import pytest
-from test_daemon import DaemonProcess
 
+from daemonproc import DaemonProcess
 from dbpool_exporter.throwaway import PgCluster
 
 RIGHT = "R1ght-pa55word-0f-app"
@@ -33,14 +33,6 @@ def cluster() -> Iterator[PgCluster]:
         yield c
     finally:
         c.destroy()
-
-
-@pytest.fixture
-def daemons(tmp_path: Path) -> Iterator[list[DaemonProcess]]:
-    started: list[DaemonProcess] = []
-    yield started
-    for d in started:
-        d.stop()
 
 
 def _start(daemons: list[DaemonProcess], tmp_path: Path, dsn: str, *, statement_timeout: float = 5.0) -> DaemonProcess:

@@ -2,102 +2,26 @@
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import socket
-import subprocess
-import sys
-import threading
 import time
-import urllib.request
 from pathlib import Path
 from typing import Iterator
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from dbpool_exporter import budget, demo
 from dbpool_exporter.redact import from_conninfo
 from dbpool_exporter.throwaway import free_port
+from demoproc import APP, CHECKPOINTER, Demo, assert_cleaned_up, throwaway_dir
 
 QUEUEPOOL_ERROR = ("sqlalchemy.exc.TimeoutError: QueuePool limit of size 4 overflow 8 reached, "
                    "connection timed out, timeout 5.00")
-APP = (("kind", "sqlalchemy"), ("pool", "app"))
-CHECKPOINTER = (("kind", "psycopg"), ("pool", "checkpointer"))
 
 
 def _key(base: tuple[tuple[str, str], ...], **extra: str) -> tuple[tuple[str, str], ...]:
     return tuple(sorted((*base, *extra.items())))
-
-
-class Demo:
-    """The demo as a child process; a thread collects its output so reads never block."""
-
-    def __init__(self, *args: str) -> None:
-        self.port = free_port()
-        env = {k: v for k, v in os.environ.items() if k != "DBPOOL_DEMO_DSN"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dbpool_exporter.demo", "--port", str(self.port), *args],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        self.lines: list[str] = []
-        self._changed = threading.Condition()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            with self._changed:
-                self.lines.append(line.rstrip("\n"))
-                self._changed.notify_all()
-
-    @property
-    def output(self) -> str:
-        with self._changed:
-            return "\n".join(self.lines)
-
-    def wait_line(self, pattern: str, timeout: float) -> re.Match[str]:
-        deadline = time.monotonic() + timeout
-        regex = re.compile(pattern)
-        with self._changed:
-            while True:
-                for line in self.lines:
-                    match = regex.search(line)
-                    if match:
-                        return match
-                left = deadline - time.monotonic()
-                if left <= 0 or self.proc.poll() is not None and not self._reader.is_alive():
-                    pytest.fail(f"no line matching {pattern!r}; output so far:\n" + "\n".join(self.lines))
-                self._changed.wait(min(left, 0.5))
-
-    def scrape(self) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as response:
-            text = response.read().decode()
-        samples: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
-        for family in text_string_to_metric_families(text):
-            for s in family.samples:
-                samples.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
-        return samples
-
-    def finish(self, timeout: float = 30) -> int:
-        try:
-            rc = self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            pytest.fail("the demo did not exit in time; output:\n" + self.output)
-        self._reader.join(timeout=5)
-        return rc
-
-    def kill(self) -> None:
-        """After a failed test: SIGTERM first, so the demo still removes its throwaway cluster."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
 
 
 @pytest.fixture
@@ -114,34 +38,9 @@ def run_demo() -> Iterator[type[Demo]]:
         d.kill()
 
 
-def _processes_mentioning(path: str) -> list[str]:
-    found = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if path in cmdline:
-            found.append(f"{pid}: {cmdline}")
-    return found
-
-
-def _assert_cleaned_up(d: Demo, base: str) -> None:
-    assert f"removed {base}" in d.output
-    assert not os.path.exists(base), f"{base} left behind"
-    assert _processes_mentioning(base) == [], "PostgreSQL processes left behind"
-
-
-def _throwaway_dir(d: Demo) -> str:
-    return d.wait_line(r"throwaway PostgreSQL in (\S+),", timeout=90).group(1)
-
-
 def test_demo_serves_moving_pool_metrics_and_stops_after_duration(run_demo: type[Demo]) -> None:
     d = run_demo("--duration", "15")
-    base = _throwaway_dir(d)
+    base = throwaway_dir(d)
     assert "max_connections=40" in d.output
     d.wait_line(rf"metrics: http://127\.0\.0\.1:{d.port}/metrics", timeout=30)
     first = d.scrape()
@@ -169,12 +68,12 @@ def test_demo_serves_moving_pool_metrics_and_stops_after_duration(run_demo: type
 
     assert d.finish() == 0, d.output
     assert "summary:" in d.output and "Traceback" not in d.output
-    _assert_cleaned_up(d, base)
+    assert_cleaned_up(d, base)
 
 
 def test_demo_incident_exhausts_the_pool_not_the_server(run_demo: type[Demo]) -> None:
     d = run_demo("--incident", "--duration", "120")  # the duration is only a safety net
-    base = _throwaway_dir(d)
+    base = throwaway_dir(d)
     d.wait_line(r"metrics: http://", timeout=30)
     for _ in range(120):
         samples = d.scrape()
@@ -200,7 +99,7 @@ def test_demo_incident_exhausts_the_pool_not_the_server(run_demo: type[Demo]) ->
     app_peak, app_max, server_peak, server_max = map(int, peaks.groups())
     assert app_peak == app_max == 12
     assert server_max == 40 and 0 < server_peak < server_max * 0.8, "the server should stay well below its limit"
-    _assert_cleaned_up(d, base)
+    assert_cleaned_up(d, base)
 
 
 def test_demo_on_a_given_server_stops_on_sigterm(run_demo: type[Demo], pg_dsn: str,

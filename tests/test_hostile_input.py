@@ -19,10 +19,9 @@ import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from psycopg import sql
-from test_daemon import DaemonProcess, _command, _env
-from test_faults import SECRET, assert_no_secret, daemons  # noqa: F401 - daemons is a fixture
 
 from conftest import check_metrics
+from daemonproc import SECRET, DaemonProcess, assert_no_secret, clean_env, exporter_command
 from dbpool_exporter.throwaway import PgCluster
 
 MAX_LABEL = 128  # README: "Label values are capped at 128 characters (non-printable characters become ?)"
@@ -92,7 +91,7 @@ def _connections(text: str) -> Counter[tuple[str, str, str]]:
     return out
 
 
-def _start(daemons: list[DaemonProcess], tmp_path: Path, dsn: str, max_label_values: int,  # noqa: F811
+def _start(daemons: list[DaemonProcess], tmp_path: Path, dsn: str, max_label_values: int,
            name: str = "pg") -> DaemonProcess:
     workdir = tmp_path / f"daemon{len(daemons)}"
     workdir.mkdir()
@@ -104,7 +103,7 @@ def _start(daemons: list[DaemonProcess], tmp_path: Path, dsn: str, max_label_val
 
 
 def test_hostile_names_exported_safely(tmp_path: Path, hostile: Hostile, promtool: str,
-                                       daemons: list[DaemonProcess]) -> None:  # noqa: F811
+                                       daemons: list[DaemonProcess]) -> None:
     expected = Counter({tuple(documented(v) for v in key): n for key, n in hostile.truth.items()})
     d = _start(daemons, tmp_path, hostile.cluster.dsn, max_label_values=100)
     d.wait_for(lambda: _connections(d.metrics()) == expected, "every hostile name counted")
@@ -129,7 +128,7 @@ def test_hostile_names_exported_safely(tmp_path: Path, hostile: Hostile, promtoo
 
 
 def test_cap_folds_the_excess_into_other(tmp_path: Path, hostile: Hostile,
-                                         daemons: list[DaemonProcess]) -> None:  # noqa: F811
+                                         daemons: list[DaemonProcess]) -> None:
     cap = 3
     d = _start(daemons, tmp_path, hostile.cluster.dsn, max_label_values=cap)
     total = sum(hostile.truth.values())
@@ -155,7 +154,7 @@ def test_cap_folds_the_excess_into_other(tmp_path: Path, hostile: Hostile,
 
 
 def test_hostile_server_name(tmp_path: Path, pg_dsn: str, promtool: str,
-                             daemons: list[DaemonProcess]) -> None:  # noqa: F811
+                             daemons: list[DaemonProcess]) -> None:
     """The config's own names reach the source label and the landing page."""
     name = 'ev"il\\ <script>alert(1)</script> {x="1"} ☃'
     d = _start(daemons, tmp_path, pg_dsn, max_label_values=5, name=name.replace("'", "''"))
@@ -191,8 +190,8 @@ def test_config_mistakes_never_print_the_password(tmp_path: Path, config: str, c
     path.write_text(config)
     args = [str(path)] if command == "check-config" else ["--config.file", str(path),
                                                           "--web.listen-address", "127.0.0.1:0"]
-    result = subprocess.run([*_command(), command, *args], capture_output=True, text=True, timeout=60,
-                            env={**_env(), PASSWORD_ENV: SECRET})
+    result = subprocess.run([*exporter_command(), command, *args], capture_output=True, text=True, timeout=60,
+                            env={**clean_env(), PASSWORD_ENV: SECRET})
     output = result.stdout + result.stderr
     assert result.returncode == 2, output
     assert_no_secret(f"{command} output", output)
@@ -213,7 +212,7 @@ def _raw(port: int, payload: bytes, timeout: float = 5.0) -> bytes:
 
 
 def test_http_garbage_and_stalled_clients(tmp_path: Path, pg_dsn: str,
-                                          daemons: list[DaemonProcess]) -> None:  # noqa: F811
+                                          daemons: list[DaemonProcess]) -> None:
     d = _start(daemons, tmp_path, pg_dsn, max_label_values=5)
     d.wait_ready()
     # Clients that open a request and never finish it hold their connections throughout.
@@ -259,7 +258,7 @@ def test_http_garbage_and_stalled_clients(tmp_path: Path, pg_dsn: str,
 
 
 def test_clients_hanging_up_mid_scrape(tmp_path: Path, pg_dsn: str,
-                                       daemons: list[DaemonProcess]) -> None:  # noqa: F811
+                                       daemons: list[DaemonProcess]) -> None:
     """What Prometheus does at scrape_timeout: close the connection while the answer is on its way."""
     d = _start(daemons, tmp_path, pg_dsn, max_label_values=5)
     d.wait_ready()

@@ -21,9 +21,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
-from test_daemon import DaemonProcess
 
 from conftest import sa_url
+from daemonproc import DaemonProcess
 from dbpool_exporter import Exporter
 
 ROOT = Path(__file__).resolve().parents[1]

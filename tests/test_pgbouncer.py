@@ -15,10 +15,12 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import generate_latest
 
 from conftest import check_metrics
+from daemonproc import DaemonProcess, clean_env
 from dbpool_exporter import Exporter
 from dbpool_exporter.families import Families
 from dbpool_exporter.sources.pgbouncer import PgBouncerSource, build_snapshot
 from dbpool_exporter.throwaway import PgCluster
+from samples import sample_value
 
 USERS = {"admin": "admin-Secret-1", "stats": "stats-Secret-2", "app": "app-Secret-3",
          "u1": "u1-Secret-4", "u2": "u2-Secret-5", "u3": "u3-Secret-6"}
@@ -74,13 +76,10 @@ class Rendered:
     def __init__(self, snapshot: object, name: str) -> None:
         out = Families()
         snapshot.emit(name, out)  # type: ignore[attr-defined]
-        self.samples = [s for family in out for s in family.samples]
+        self.families = list(out)
 
-    def value(self, name: str, **labels: str) -> float | None:
-        for s in self.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                return s.value
-        return None
+    def value(self, name: str, /, **labels: str) -> float | None:
+        return sample_value(self.families, name, **labels)
 
 
 class Clients:
@@ -358,13 +357,11 @@ def test_an_app_pool_through_pgbouncer_joins_on_its_address(bouncers: Callable[.
 
 def test_daemon_serves_servers_and_pgbouncers(bouncers: Callable[..., Bouncer], cluster: PgCluster,  # type: ignore[no-untyped-def]
                                               tmp_path, promtool: str) -> None:
-    from test_daemon import DaemonProcess, _env
-
     b = bouncers()
     config = ("defaults: {interval: 0.3, backoff_max: 1}\n"
               f"servers:\n  - name: pg\n    dsn: 'postgresql://postgres@127.0.0.1:{cluster.port}/postgres'\n"
               "pgbouncers:\n  - name: pgb\n    dsn_env: PGB_DSN\n")
-    d = DaemonProcess(tmp_path, config, env=_env(PGB_DSN=b.dsn("stats")))
+    d = DaemonProcess(tmp_path, config, env=clean_env(PGB_DSN=b.dsn("stats")))
     try:
         d.wait_ready()
         d.wait_for(lambda: d.value("dbpool_source_up", source="pgb", kind="pgbouncer") == 1, "the pgbouncer source")

@@ -16,6 +16,7 @@ from dbpool_exporter import Exporter, Source
 from dbpool_exporter.redact import from_conninfo
 from dbpool_exporter.sources.postgres import STATES, PostgresSource, sanitize
 from dbpool_exporter.throwaway import PgCluster
+from samples import sample_value
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +51,6 @@ def _exporter(dsn: str, **kwargs: object) -> Exporter:
     return Exporter().register("db", PostgresSource("db", dsn, interval=0.5, **kwargs))  # type: ignore[arg-type]
 
 
-def _value(exporter: Exporter, name: str, **labels: str) -> float | None:
-    return exporter.registry.get_sample_value(name, labels)
-
-
 def _poll_until(exporter: Exporter, check: Callable[[], bool], timeout: float = 10.0) -> None:
     # pg_stat_activity lags a backend's exit by a moment: poll again, a bounded number of times.
     deadline = time.monotonic() + timeout
@@ -71,7 +68,7 @@ def test_is_a_source_and_connects_as_dbpool_exporter(cluster: PgCluster) -> None
     assert isinstance(source, Source) and source.kind == "postgres"
     with _exporter(pg_dsn) as exporter:
         exporter.poll_now()
-        assert _value(exporter, "dbpool_source_up", source="db", kind="postgres") == 1
+        assert sample_value(exporter, "dbpool_source_up", source="db", kind="postgres") == 1
         with psycopg.connect(pg_dsn) as conn:
             apps = [r[0] for r in conn.execute(
                 "SELECT application_name FROM pg_stat_activity WHERE application_name = 'dbpool-exporter'")]
@@ -92,16 +89,16 @@ def test_connections_counted_under_application_name(cluster: PgCluster, open_con
                   "application_name": app}
 
         def counted() -> bool:
-            return (_value(exporter, "dbpool_server_connections", **labels, state="idle") == 3
-                    and _value(exporter, "dbpool_server_connections", **labels, state="idle in transaction") == 2)
+            return (sample_value(exporter, "dbpool_server_connections", **labels, state="idle") == 3
+                    and sample_value(exporter, "dbpool_server_connections", **labels, state="idle in transaction") == 2)
 
         _poll_until(exporter, counted)
         assert counted()
         # Every known state is reported, the ones nobody is in as 0.
         for state in STATES:
-            assert _value(exporter, "dbpool_server_connections", **labels, state=state) is not None, state
-        assert _value(exporter, "dbpool_server_connections", **labels, state="active") == 0
-        assert _value(exporter, "dbpool_server_lock_waiting_connections", server=labels["server"],
+            assert sample_value(exporter, "dbpool_server_connections", **labels, state=state) is not None, state
+        assert sample_value(exporter, "dbpool_server_connections", **labels, state="active") == 0
+        assert sample_value(exporter, "dbpool_server_lock_waiting_connections", server=labels["server"],
                       database="postgres") == 0
 
 
@@ -111,11 +108,11 @@ def test_idle_in_transaction_age_grows(cluster: PgCluster, open_conn: Callable[.
     labels = {"server": f"127.0.0.1:{cluster.port}", "database": "postgres", "application_name": app}
     with _exporter(cluster.dsn) as exporter:
         exporter.poll_now()
-        first = _value(exporter, "dbpool_server_oldest_idle_in_transaction_age_seconds", **labels)
+        first = sample_value(exporter, "dbpool_server_oldest_idle_in_transaction_age_seconds", **labels)
         time.sleep(1.0)
         exporter.poll_now()
-        second = _value(exporter, "dbpool_server_oldest_idle_in_transaction_age_seconds", **labels)
-        xact = _value(exporter, "dbpool_server_oldest_transaction_age_seconds", **labels)
+        second = sample_value(exporter, "dbpool_server_oldest_idle_in_transaction_age_seconds", **labels)
+        xact = sample_value(exporter, "dbpool_server_oldest_transaction_age_seconds", **labels)
     assert first is not None and second is not None and xact is not None
     # The server's clock moved at least the second we slept between the two polls.
     assert second >= first + 0.9
@@ -131,7 +128,7 @@ def test_cap_folds_extra_names_into_other(cluster: PgCluster, open_conn: Callabl
     server = f"127.0.0.1:{cluster.port}"
     with _exporter(cluster.dsn, max_label_values=2) as exporter:
         def total(**labels: str) -> float:
-            return sum(_value(exporter, "dbpool_server_connections", server=server, database="postgres",
+            return sum(sample_value(exporter, "dbpool_server_connections", server=server, database="postgres",
                               state=state, **labels) or 0 for state in STATES)
 
         def folded() -> bool:
@@ -140,8 +137,9 @@ def test_cap_folds_extra_names_into_other(cluster: PgCluster, open_conn: Callabl
                     and total(user="postgres", application_name=b) == 2
                     and total(user="u1", application_name="other") == 1
                     and total(user="other", application_name="other") == 2
-                    and _value(exporter, "dbpool_server_folded_values", server=server, label="application_name") == 2
-                    and _value(exporter, "dbpool_server_folded_values", server=server, label="user") == 2)
+                    and sample_value(exporter, "dbpool_server_folded_values", server=server,
+                                     label="application_name") == 2
+                    and sample_value(exporter, "dbpool_server_folded_values", server=server, label="user") == 2)
 
         _poll_until(exporter, folded)
         assert folded(), generate_latest(exporter.registry).decode()
@@ -162,12 +160,12 @@ def test_lock_waiters_counted(cluster: PgCluster, open_conn: Callable[..., psyco
     try:
         with _exporter(cluster.dsn) as exporter:
             def waiting() -> bool:
-                return _value(exporter, "dbpool_server_lock_waiting_connections", server=server,
+                return sample_value(exporter, "dbpool_server_lock_waiting_connections", server=server,
                               database="postgres") == 1
 
             _poll_until(exporter, waiting)
             assert waiting()
-            assert _value(exporter, "dbpool_server_connections", server=server, database="postgres",
+            assert sample_value(exporter, "dbpool_server_connections", server=server, database="postgres",
                           user="postgres", application_name="waiter", state="active") == 1
     finally:
         holder.execute("ROLLBACK")
@@ -183,9 +181,9 @@ def test_capacity_matches_show(pg_dsn: str) -> None:
     server, _ = from_conninfo(pg_dsn)
     with _exporter(pg_dsn) as exporter:
         exporter.poll_now()
-        assert _value(exporter, "dbpool_server_max_connections", server=server) == max_connections
-        assert _value(exporter, "dbpool_server_reserved_connections", server=server) == reserved
-        assert _value(exporter, "dbpool_server_usable_connections", server=server) == max_connections - reserved
+        assert sample_value(exporter, "dbpool_server_max_connections", server=server) == max_connections
+        assert sample_value(exporter, "dbpool_server_reserved_connections", server=server) == reserved
+        assert sample_value(exporter, "dbpool_server_usable_connections", server=server) == max_connections - reserved
 
 
 def test_server_label_joins_pools_and_keyvalue_conninfo_works(pg_dsn: str, promtool: str) -> None:
@@ -196,7 +194,7 @@ def test_server_label_joins_pools_and_keyvalue_conninfo_works(pg_dsn: str, promt
     assert source.server == from_conninfo(pg_dsn)[0]  # the pools' own rule, so series join on `server`
     with Exporter().register("kv", source) as exporter:
         exporter.poll_now()
-        assert _value(exporter, "dbpool_source_up", source="kv", kind="postgres") == 1
+        assert sample_value(exporter, "dbpool_source_up", source="kv", kind="postgres") == 1
         check_metrics(promtool, generate_latest(exporter.registry).decode())
 
 
@@ -274,8 +272,8 @@ def test_unprivileged_monitor_counts_hidden_backends_as_unknown(cluster: PgClust
     labels = {"server": server, "database": "postgres", "user": "postgres", "application_name": app}
     with _exporter(dsn) as exporter:
         def counted() -> bool:
-            return _value(exporter, "dbpool_server_connections", **labels, state="unknown") == 1
+            return sample_value(exporter, "dbpool_server_connections", **labels, state="unknown") == 1
 
         _poll_until(exporter, counted)
         assert counted(), generate_latest(exporter.registry).decode()
-        assert _value(exporter, "dbpool_server_connections", **labels, state="idle") == 0
+        assert sample_value(exporter, "dbpool_server_connections", **labels, state="idle") == 0
