@@ -53,7 +53,8 @@ class PsycopgPoolSource:
         stats = self.pool.get_stats()
         size, available = stats.get("pool_size", 0), stats.get("pool_available", 0)
         fields: dict[str, Any] = dict(
-            # pool_size counts connections being opened too; they are not idle, so "checked out".
+            # pool_size counts connections still being opened (all min_size of them right after
+            # open(), for minutes while the server refuses): without hooks they pass for checked out.
             checked_out=max(0, size - available),
             idle=available,
             min=stats.get("pool_min", 0),
@@ -68,6 +69,9 @@ class PsycopgPoolSource:
             self.recorder.capacity = fields["max"] or float("inf")
             # The hooks' own count of waiters replaces requests_waiting: psycopg_pool leaves a
             # timed-out client in its queue until the next connection comes back.
+            # The hooks count the connections handed out since register() and never one being
+            # opened, so a pool still filling reads 0 checked out (and peak), not min_size.
+            fields["checked_out"] = min(fields["checked_out"], len(self.recorder.out))
             fields.update(self.recorder.fold(fields["checked_out"]))
         else:
             fields["acquire_timeouts"] = stats.get("requests_errors", 0)
