@@ -10,6 +10,7 @@ This module imports nothing from the package, so anything may import it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
 
 TYPES = ("gauge", "counter", "info", "histogram")
 
@@ -38,9 +39,9 @@ class MetricSpec:
             return tuple(f"{self.name}_{s}" for s in ("bucket", "count", "sum"))
         return (self.exposed,)
 
-    def label_problem(self, labels: object) -> str | None:
-        """Why ``labels`` (a sample's label names) do not fit this entry, or ``None``."""
-        names = set(labels)  # type: ignore[call-overload]
+    def label_problem(self, labels: Iterable[str]) -> str | None:
+        """Why ``labels`` (a sample's label names, or its label dict) do not fit this entry, or ``None``."""
+        names = set(labels)
         if self.type == "histogram":
             names.discard("le")
         missing, extra = set(self.labels) - names, names - set(self.labels) - set(self.optional)
