@@ -19,6 +19,8 @@ from dbpool_exporter.redact import scrub
 from dbpool_exporter.throwaway import NoBinaries, PgCluster, find_binaries
 
 DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/test"
+# Every family emitted in tests (and in the exporters they start) is checked against the metric catalogue.
+os.environ.setdefault("DBPOOL_EXPORTER_CHECK_METRICS", "1")
 
 
 def _answers(dsn: str) -> bool:

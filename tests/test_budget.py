@@ -14,7 +14,7 @@ from psycopg_pool import ConnectionPool
 from sqlalchemy import create_engine
 from sqlalchemy.pool import NullPool
 
-from dbpool_exporter import Exporter, budget
+from dbpool_exporter import Exporter, budget, metrics
 from dbpool_exporter.families import Families
 from dbpool_exporter.redact import from_conninfo
 from dbpool_exporter.throwaway import free_port
@@ -27,7 +27,7 @@ class _Capacity:
 
     def emit(self, name: str, out: Families) -> None:
         for metric, value in self.values.items():
-            out.gauge(metric, metric, {"server": self.server}, value)
+            out.gauge(metrics.get(metric), {"server": self.server}, value)
 
 
 class ServerSettings:

@@ -16,29 +16,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `dashboards` is a package at the repository root, not installed
 
 from dashboards import generate  # noqa: E402
+from dbpool_exporter import metrics  # noqa: E402
 
 DS = {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}
 VARIABLES = {"job", "instance", "pool", "server"}
-# The exporter's metric vocabulary (README "Metrics"): a dashboard query naming anything else is a typo.
-VOCABULARY = {
-    "dbpool_pool_info", "dbpool_connections", "dbpool_overflow_connections", "dbpool_min_connections",
-    "dbpool_max_connections", "dbpool_usage_ratio", "dbpool_acquire_timeout_seconds", "dbpool_pending_acquires",
-    "dbpool_checked_out_peak", "dbpool_pending_acquires_peak", "dbpool_oldest_checkout_age_seconds",
-    "dbpool_oldest_pending_acquire_age_seconds", "dbpool_site_checked_out_connections",
-    "dbpool_site_oldest_checkout_age_seconds",
-    "dbpool_acquire_timeouts_total", "dbpool_leaked_connections_total",
-    *(f"dbpool_{h}_{suffix}" for h in ("acquire_wait_seconds", "connection_hold_seconds")
-      for suffix in ("bucket", "count", "sum")),
-    *(f"dbpool_psycopg_{c}_total" for c in (
-        "requests", "requests_queued", "requests_wait_seconds", "requests_errors", "usage_seconds", "returns_bad",
-        "connections", "connections_seconds", "connections_errors", "connections_lost")),
-    "dbpool_server_connections", "dbpool_server_max_connections", "dbpool_server_reserved_connections",
-    "dbpool_server_usable_connections", "dbpool_server_oldest_transaction_age_seconds",
-    "dbpool_server_oldest_idle_in_transaction_age_seconds", "dbpool_server_lock_waiting_connections",
-    "dbpool_server_folded_values",
-    "dbpool_source_up", "dbpool_source_poll_duration_seconds", "dbpool_source_last_success_timestamp_seconds",
-    "dbpool_source_polls_total", "dbpool_source_errors_total",
-}
+# The exporter's metric vocabulary (the catalogue, dbpool_exporter/metrics.py): a query naming anything else is a typo.
+VOCABULARY = metrics.sample_names()
 
 
 @pytest.fixture(scope="module")

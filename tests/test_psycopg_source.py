@@ -11,6 +11,7 @@ from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
 
 from conftest import check_metrics
 from dbpool_exporter import Exporter
+from dbpool_exporter.throwaway import free_port
 
 
 def value(exporter: Exporter, metric: str, **labels: str) -> float | None:
@@ -70,6 +71,36 @@ def test_sync_pool_counters_move_waiters_and_timeout(pg_dsn: str, promtool: str)
         check_metrics(promtool, text)
         exporter.unregister("ck")
         assert "getconn" not in pool.__dict__ and "putconn" not in pool.__dict__
+    finally:
+        exporter.stop()
+        pool.close()
+
+
+def test_connections_being_opened_are_not_checked_out(pg_dsn: str) -> None:
+    # Nothing listens on the port: psycopg_pool keeps retrying its min_size connections, and
+    # get_stats() counts all of them in pool_size for minutes, none available.
+    opening = ConnectionPool(f"postgresql://postgres@127.0.0.1:{free_port()}/test", min_size=3, max_size=4,
+                             open=True, name="opening")
+    exporter = Exporter().register("ck", opening)
+    try:
+        stats = opening.get_stats()
+        assert stats["pool_size"] - stats["pool_available"] == 3
+        assert value(exporter, "dbpool_connections", state="checked_out") == 0
+        assert value(exporter, "dbpool_checked_out_peak") == 0
+        assert value(exporter, "dbpool_usage_ratio") == 0
+    finally:
+        exporter.stop()
+        opening.close(timeout=0)
+    # A real pool read right after open(), without wait(): only what the application takes counts.
+    pool = ConnectionPool(pg_dsn, min_size=3, max_size=4, open=True)
+    exporter = Exporter().register("ck", pool)
+    try:
+        assert value(exporter, "dbpool_checked_out_peak") == 0
+        conn = pool.getconn()
+        assert value(exporter, "dbpool_connections", state="checked_out") == 1
+        pool.putconn(conn)
+        assert value(exporter, "dbpool_connections", state="checked_out") == 0
+        assert value(exporter, "dbpool_checked_out_peak") == 1
     finally:
         exporter.stop()
         pool.close()

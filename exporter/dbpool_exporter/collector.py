@@ -9,6 +9,7 @@ from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
+from . import metrics as m
 from .exposition import Exposition, render
 from .families import Families
 from .poller import Poller
@@ -50,15 +51,11 @@ class DbpoolCollector(Collector):
         now = time.monotonic()
         for name, state in list(self._poller.states.items()):
             labels = {"source": name, "kind": state.source.kind}
-            out.gauge("dbpool_source_up", "1 if the source's last poll succeeded, else 0.", labels,
-                      1.0 if state.up else 0.0)
-            out.gauge("dbpool_source_poll_duration_seconds", "How long the source's last poll took.",
-                      labels, state.duration)
-            out.gauge("dbpool_source_last_success_timestamp_seconds",
-                      "Unix time of the source's last successful poll (0 if never).", labels,
-                      state.last_success)
-            out.counter("dbpool_source_polls", "Polls of the source.", labels, state.polls)
-            out.counter("dbpool_source_errors", "Polls of the source that failed.", labels, state.errors)
+            out.gauge(m.SOURCE_UP, labels, 1.0 if state.up else 0.0)
+            out.gauge(m.SOURCE_POLL_DURATION, labels, state.duration)
+            out.gauge(m.SOURCE_LAST_SUCCESS, labels, state.last_success)
+            out.counter(m.SOURCE_POLLS, labels, state.polls)
+            out.counter(m.SOURCE_ERRORS, labels, state.errors)
             if state.fresh(now):
                 state.snapshot.emit(name, out)  # type: ignore[union-attr]
         return out

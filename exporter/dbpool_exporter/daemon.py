@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
 
-from . import __version__, logs, workers
+from . import __version__, logs, metrics, workers
 from .config import Config, ConfigError, ServerConfig
 from .exporter import Exporter
 from .exposition import Exposition, labels_text, render
@@ -53,13 +53,9 @@ class _Served:
         """Without const labels: the sources' families and the daemon's own."""
         d = self.daemon
         own = Families()
-        own.gauge("dbpool_exporter_build_info", "Always 1; the exporter's version as a label.",
-                  {"version": __version__}, 1.0)
-        own.gauge("dbpool_exporter_config_last_reload_successful",
-                  "1 if the last config (re)load succeeded, 0 if the daemon kept an older config.", {},
-                  1.0 if d.reload_ok else 0.0)
-        own.gauge("dbpool_exporter_config_last_reload_success_timestamp_seconds",
-                  "Unix time of the last successful config (re)load.", {}, d.reload_success_at)
+        own.gauge(metrics.EXPORTER_BUILD_INFO, {"version": __version__}, 1.0)
+        own.gauge(metrics.EXPORTER_RELOAD_OK, {}, 1.0 if d.reload_ok else 0.0)
+        own.gauge(metrics.EXPORTER_RELOAD_AT, {}, d.reload_success_at)
         yield from d.exporter.registry.collect()
         yield from own
 

@@ -29,6 +29,7 @@ from prometheus_client.core import Metric
 from prometheus_client.samples import Sample
 
 from .exposition import Exposition, Rendered, labels_text, render
+from .metrics import WORKER_UP
 
 try:
     import fcntl
@@ -130,7 +131,8 @@ class Publisher:
         """Atomically replace this worker's file with ``families`` (``ttl``: seconds it stays current)."""
         doc = {"format": FORMAT, "pid": self.pid, "host": socket.gethostname(), "at": time.time(), "ttl": ttl,
                "serving": serving, "families": families}
-        tmp = self.directory / f".{self.id}.tmp"
+        # Unique per call: two publishes at once (a scheduled one and poll_now's) must not share a file.
+        tmp = self.directory / f".{self.id}.{secrets.token_hex(4)}.tmp"
         with open(tmp, "w", encoding="utf-8") as fh:
             json.dump(doc, fh, separators=(",", ":"))
         os.replace(tmp, self.path)
@@ -238,12 +240,11 @@ def _load(path: Path) -> dict[str, Any] | None:
 
 def worker_up(docs: Iterable[WorkerDoc], own_pid: int | None = None) -> Metric:
     """One ``dbpool_worker_up`` sample per live worker, so a stalled one shows as 0 rather than vanishing."""
-    up = Metric("dbpool_worker_up", "1 per live worker process publishing its pools; 0 while it is alive "
-                "but has not published for a few intervals (a blocked event loop, a hung process).", "gauge")
+    up = Metric(WORKER_UP.name, WORKER_UP.help, WORKER_UP.type)
     if own_pid is not None:
-        up.samples.append(Sample("dbpool_worker_up", {WORKER_LABEL: str(own_pid)}, 1.0))
+        up.samples.append(Sample(WORKER_UP.name, {WORKER_LABEL: str(own_pid)}, 1.0))
     for doc in docs:
-        up.samples.append(Sample("dbpool_worker_up", {WORKER_LABEL: str(doc.pid)}, 1.0 if doc.current else 0.0))
+        up.samples.append(Sample(WORKER_UP.name, {WORKER_LABEL: str(doc.pid)}, 1.0 if doc.current else 0.0))
     return up
 
 

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Awaitable, Iterable, Mapping, TypeVar
 
+from .. import metrics as m
 from ..families import Families
+from ..metrics import MetricSpec
 from ..redact import parse_dsn, redact, secrets, server_label
 from ..snapshot import PoolSnapshot
 from .postgres import APPLICATION_NAME, OTHER, ServerUnavailable, sanitize
@@ -28,28 +30,24 @@ KIND = "pgbouncer"
 # refuses with the same error.
 QUERIES = ("POOLS", "DATABASES", "STATS", "CONFIG", "LISTS", "USERS")
 
-# SHOW STATS totals -> (counter name without _total, factor to base units, help). PgBouncer reports
-# times in microseconds. Columns absent from the running version are simply not exported.
-STATS_COLUMNS: dict[str, tuple[str, float, str]] = {
-    "total_xact_count": ("dbpool_pgbouncer_transactions", 1.0, "SQL transactions pooled."),
-    "total_query_count": ("dbpool_pgbouncer_queries", 1.0, "SQL commands pooled."),
-    "total_received": ("dbpool_pgbouncer_received_bytes", 1.0, "Network traffic received from clients."),
-    "total_sent": ("dbpool_pgbouncer_sent_bytes", 1.0, "Network traffic sent to clients."),
-    "total_xact_time": ("dbpool_pgbouncer_transaction_seconds", 1e-6,
-                        "Time connected to PostgreSQL in a transaction (idle in transaction or querying)."),
-    "total_query_time": ("dbpool_pgbouncer_query_seconds", 1e-6, "Time actively executing queries on PostgreSQL."),
-    "total_wait_time": ("dbpool_pgbouncer_client_wait_seconds", 1e-6,
-                        "Time clients spent waiting for a server connection (counted when they get one)."),
+# SHOW STATS totals -> (catalogue entry, factor to base units). PgBouncer reports times in microseconds.
+# Columns absent from the running version are simply not exported.
+STATS_COLUMNS: dict[str, tuple[MetricSpec, float]] = {
+    "total_xact_count": (m.BOUNCER_TRANSACTIONS, 1.0),
+    "total_query_count": (m.BOUNCER_QUERIES, 1.0),
+    "total_received": (m.BOUNCER_RECEIVED, 1.0),
+    "total_sent": (m.BOUNCER_SENT, 1.0),
+    "total_xact_time": (m.BOUNCER_TRANSACTION_TIME, 1e-6),
+    "total_query_time": (m.BOUNCER_QUERY_TIME, 1e-6),
+    "total_wait_time": (m.BOUNCER_CLIENT_WAIT_TIME, 1e-6),
     # 1.23+
-    "total_server_assignment_count": ("dbpool_pgbouncer_server_assignments", 1.0,
-                                      "Times a server connection was assigned to a client."),
+    "total_server_assignment_count": (m.BOUNCER_SERVER_ASSIGNMENTS, 1.0),
     # 1.24+ (prepared statement tracking, max_prepared_statements)
-    "total_client_parse_count": ("dbpool_pgbouncer_client_parses", 1.0, "Prepared statements created by clients."),
-    "total_server_parse_count": ("dbpool_pgbouncer_server_parses", 1.0,
-                                 "Prepared statements PgBouncer created on servers."),
-    "total_bind_count": ("dbpool_pgbouncer_binds", 1.0, "Prepared statements bound by clients."),
+    "total_client_parse_count": (m.BOUNCER_CLIENT_PARSES, 1.0),
+    "total_server_parse_count": (m.BOUNCER_SERVER_PARSES, 1.0),
+    "total_bind_count": (m.BOUNCER_BINDS, 1.0),
     # 1.25+
-    "total_client_login_count": ("dbpool_pgbouncer_client_logins", 1.0, "Successful client logins."),
+    "total_client_login_count": (m.BOUNCER_CLIENT_LOGINS, 1.0),
 }
 
 # SHOW POOLS state columns, in PgBouncer's own spelling minus the prefix. The cancel columns exist from 1.18.
@@ -60,21 +58,14 @@ SERVER_STATES = ("active", "idle", "used", "tested", "login", "active_cancel", "
 _SERVER_NOT_ACTIVE = ("idle", "used", "tested", "login", "being_canceled")
 
 # SHOW CONFIG keys exported as capacity gauges (0 means "no limit" for the max_* ones, as in pgbouncer.ini).
-CONFIG_GAUGES: dict[str, tuple[str, str]] = {
-    "max_client_conn": ("dbpool_pgbouncer_max_client_connections",
-                        "max_client_conn: client connections PgBouncer accepts before refusing more."),
-    "default_pool_size": ("dbpool_pgbouncer_default_pool_size",
-                          "default_pool_size: server connections per database/user pool unless overridden."),
-    "max_db_connections": ("dbpool_pgbouncer_max_db_connections",
-                           "max_db_connections default: server connections per database (0 = no limit)."),
-    "max_user_connections": ("dbpool_pgbouncer_max_user_connections",
-                             "max_user_connections default: server connections per user (0 = no limit)."),
-    "reserve_pool_size": ("dbpool_pgbouncer_reserve_pool_size",
-                          "reserve_pool_size default: extra server connections a pool may open under pressure."),
+CONFIG_GAUGES: dict[str, MetricSpec] = {
+    "max_client_conn": m.BOUNCER_MAX_CLIENT_CONNECTIONS,
+    "default_pool_size": m.BOUNCER_DEFAULT_POOL_SIZE,
+    "max_db_connections": m.BOUNCER_MAX_DB_CONNECTIONS,
+    "max_user_connections": m.BOUNCER_MAX_USER_CONNECTIONS,
+    "reserve_pool_size": m.BOUNCER_RESERVE_POOL_SIZE,
     # 1.24+
-    "max_db_client_connections": ("dbpool_pgbouncer_max_db_client_connections",
-                                  "max_db_client_connections default: client connections per database (0 = no "
-                                  "limit)."),
+    "max_db_client_connections": m.BOUNCER_MAX_DB_CLIENT_CONNECTIONS,
 }
 
 _VERSION = re.compile(r"(\d+\.\d+(?:\.\d+)?)")
@@ -149,66 +140,45 @@ class PgBouncerSnapshot:
 
     def emit(self, name: str, out: Families) -> None:
         me = {"pgbouncer": self.pgbouncer}
-        out.info("dbpool_pgbouncer", "Static facts about a PgBouncer: its version and default pool_mode.",
-                 {**me, "version": self.version, "pool_mode": self.pool_mode})
+        out.info(m.BOUNCER_INFO, {**me, "version": self.version, "pool_mode": self.pool_mode})
         config = dict(self.config)
-        for key, (metric, doc) in CONFIG_GAUGES.items():
+        for key, spec in CONFIG_GAUGES.items():
             if key in config:
-                out.gauge(metric, doc, me, config[key])
-        out.gauge("dbpool_pgbouncer_client_connections",
-                  "Client connections to PgBouncer now (SHOW LISTS used_clients), compared with max_client_conn.",
-                  me, self.client_connections)
+                out.gauge(spec, me, config[key])
+        out.gauge(m.BOUNCER_CLIENT_CONNECTIONS, me, self.client_connections)
         if config.get("max_client_conn"):
-            out.gauge("dbpool_pgbouncer_client_usage_ratio", "Client connections / max_client_conn, 0..1.", me,
-                      self.client_connections / config["max_client_conn"])
+            out.gauge(m.BOUNCER_CLIENT_USAGE_RATIO, me, self.client_connections / config["max_client_conn"])
         for item, count in self.lists:
-            out.gauge("dbpool_pgbouncer_list_items", "SHOW LISTS: PgBouncer's internal object counts.",
-                      {**me, "list": item}, count)
+            out.gauge(m.BOUNCER_LIST_ITEMS, {**me, "list": item}, count)
         for db in self.databases:
             labels = {**me, "database": db.name}
-            out.info("dbpool_pgbouncer_database",
-                     "A PgBouncer database entry: the real server (host:port) and database behind it.",
-                     {**labels, "server": db.server, "server_database": db.server_database,
-                      "pool_mode": db.pool_mode})
-            for metric, value, doc in (
-                ("dbpool_pgbouncer_database_pool_size", db.pool_size,
-                 "Server connections per pool of this database (pool_size, else default_pool_size)."),
-                ("dbpool_pgbouncer_database_min_pool_size", db.min_pool_size,
-                 "Server connections PgBouncer keeps open per pool of this database."),
-                ("dbpool_pgbouncer_database_reserve_pool_size", db.reserve_pool_size,
-                 "Extra server connections per pool of this database once clients wait reserve_pool_timeout."),
-                ("dbpool_pgbouncer_database_max_connections", db.max_connections,
-                 "Server connections this database may open across its pools (max_db_connections, 0 = no limit)."),
-                ("dbpool_pgbouncer_database_server_connections", db.current_connections,
-                 "Server connections this database has open now."),
-                ("dbpool_pgbouncer_database_paused", db.paused, "1 while the database is PAUSEd."),
-                ("dbpool_pgbouncer_database_disabled", db.disabled, "1 while the database is DISABLEd."),
+            out.info(m.BOUNCER_DATABASE_INFO, {**labels, "server": db.server, "server_database": db.server_database,
+                                               "pool_mode": db.pool_mode})
+            for spec, value in (
+                (m.BOUNCER_DATABASE_POOL_SIZE, db.pool_size),
+                (m.BOUNCER_DATABASE_MIN_POOL_SIZE, db.min_pool_size),
+                (m.BOUNCER_DATABASE_RESERVE_POOL_SIZE, db.reserve_pool_size),
+                (m.BOUNCER_DATABASE_MAX_CONNECTIONS, db.max_connections),
+                (m.BOUNCER_DATABASE_SERVER_CONNECTIONS, db.current_connections),
+                (m.BOUNCER_DATABASE_PAUSED, db.paused),
+                (m.BOUNCER_DATABASE_DISABLED, db.disabled),
             ):
-                out.gauge(metric, doc, labels, value)
+                out.gauge(spec, labels, value)
         for database, metric, value in self.stats:
-            out.counter(metric, STATS_HELP[metric], {**me, "database": database}, value)
+            out.counter(m.get(metric), {**me, "database": database}, value)
         for pool in self.pools:
             pool_name = f"{name}/{pool.database}/{pool.user}"
             pool.view.emit(pool_name, out)
             labels = {"pool": pool_name, "kind": KIND}
-            out.info("dbpool_pgbouncer_pool", "Which PgBouncer, database and user a pgbouncer pool belongs to.",
+            out.info(m.BOUNCER_POOL_INFO,
                      {**labels, **me, "database": pool.database, "user": pool.user, "pool_mode": pool.pool_mode})
-            out.gauge("dbpool_oldest_pending_acquire_age_seconds",
-                      "How long the longest-waiting caller has been waiting for a connection (0 when none waits).",
-                      labels, pool.maxwait)
+            out.gauge(m.OLDEST_PENDING_AGE, labels, pool.maxwait)
             for state, count in pool.clients:
-                out.gauge("dbpool_pgbouncer_pool_clients", "Client connections of a PgBouncer pool, by state.",
-                          {**labels, "state": state}, count)
+                out.gauge(m.BOUNCER_POOL_CLIENTS, {**labels, "state": state}, count)
             for state, count in pool.servers:
-                out.gauge("dbpool_pgbouncer_pool_servers", "Server connections of a PgBouncer pool, by state.",
-                          {**labels, "state": state}, count)
+                out.gauge(m.BOUNCER_POOL_SERVERS, {**labels, "state": state}, count)
         for label, count in self.folded:
-            out.gauge("dbpool_pgbouncer_folded_values",
-                      "Distinct label values folded into 'other' by the cardinality cap.", {**me, "label": label},
-                      count)
-
-
-STATS_HELP = {metric: doc for metric, _, doc in STATS_COLUMNS.values()}
+            out.gauge(m.BOUNCER_FOLDED, {**me, "label": label}, count)
 
 
 def _top(counts: Mapping[str, float], cap: int) -> set[str]:
@@ -328,9 +298,9 @@ def build_snapshot(pgbouncer: str, *, version: str, pools: Iterable[Mapping[str,
     stats_acc: dict[tuple[str, str], float] = defaultdict(float)
     for r in stat_rows:
         database = db_name(r["database"])
-        for column, (metric, factor, _) in STATS_COLUMNS.items():
+        for column, (spec, factor) in STATS_COLUMNS.items():
             if column in r:
-                stats_acc[(database, metric)] += _num(r[column]) * factor
+                stats_acc[(database, spec.name)] += _num(r[column]) * factor
 
     lists_out = tuple((str(r["list"]), _int(r["items"])) for r in lists)
     all_dbs = {sanitize(str(r["name"])) for r in dbs} | set(activity_db)

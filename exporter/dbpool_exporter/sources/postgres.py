@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable
 from urllib.parse import urlencode
 
+from .. import metrics as m
 from ..families import Families
 from ..redact import parse_dsn, redact, secrets, server_label
 
@@ -122,33 +123,21 @@ class ServerSnapshot:
     def emit(self, name: str, out: Families) -> None:
         # No `source` label: server series join pool series on `server` alone, whichever source read them.
         server = {"server": self.server}
-        out.gauge("dbpool_server_max_connections", "The server's max_connections setting.", server,
-                  self.max_connections)
-        out.gauge("dbpool_server_reserved_connections",
-                  "Connection slots reserved for superusers and, from PostgreSQL 16, pg_use_reserved_connections.",
-                  server, self.reserved_connections)
-        out.gauge("dbpool_server_usable_connections",
-                  "Connection slots ordinary roles can use: max_connections minus the reserved ones.",
-                  server, self.usable_connections)
+        out.gauge(m.SERVER_MAX, server, self.max_connections)
+        out.gauge(m.SERVER_RESERVED, server, self.reserved_connections)
+        out.gauge(m.SERVER_USABLE, server, self.usable_connections)
         for database, user, app, state, count in self.connections:
-            out.gauge("dbpool_server_connections", "Client backends in pg_stat_activity, by state.",
+            out.gauge(m.SERVER_CONNECTIONS,
                       {**server, "database": database, "user": user, "application_name": app, "state": state},
                       count)
         for database, app, age in self.oldest_xact_age:
-            out.gauge("dbpool_server_oldest_transaction_age_seconds",
-                      "Age of the oldest open transaction (0 when none is open).",
-                      {**server, "database": database, "application_name": app}, age)
+            out.gauge(m.SERVER_OLDEST_XACT, {**server, "database": database, "application_name": app}, age)
         for database, app, age in self.oldest_idle_xact_age:
-            out.gauge("dbpool_server_oldest_idle_in_transaction_age_seconds",
-                      "How long the longest idle-in-transaction backend has been idle (0 when none is).",
-                      {**server, "database": database, "application_name": app}, age)
+            out.gauge(m.SERVER_OLDEST_IDLE_XACT, {**server, "database": database, "application_name": app}, age)
         for database, count in self.lock_waiting:
-            out.gauge("dbpool_server_lock_waiting_connections", "Client backends waiting on a lock.",
-                      {**server, "database": database}, count)
+            out.gauge(m.SERVER_LOCK_WAITING, {**server, "database": database}, count)
         for label, count in self.folded:
-            out.gauge("dbpool_server_folded_values",
-                      "Distinct label values folded into 'other' by the cardinality cap.",
-                      {**server, "label": label}, count)
+            out.gauge(m.SERVER_FOLDED, {**server, "label": label}, count)
 
 
 def _top(counts: dict[str, int], cap: int) -> set[str]:

@@ -9,30 +9,26 @@ from typing import Any
 from psycopg_pool import PoolTimeout
 from psycopg_pool.base import BasePool
 
+from .. import metrics as m
+from ..metrics import MetricSpec
 from ..recorder import Recorder
 from ..redact import from_conninfo
-from ..snapshot import COUNTER_HELP, PoolSnapshot
+from ..snapshot import PoolSnapshot
 
-# Cumulative get_stats() keys: raw key -> (metric name without _total, factor to base units, help).
-# One table, like pgbouncer_exporter's, so a new psycopg key is one line here.
-COUNTERS: dict[str, tuple[str, float, str]] = {
-    "requests_num": ("dbpool_psycopg_requests", 1.0, "Connection requests made to the pool."),
-    "requests_queued": ("dbpool_psycopg_requests_queued", 1.0,
-                        "Requests that had to wait in the queue because no connection was ready."),
-    "requests_wait_ms": ("dbpool_psycopg_requests_wait_seconds", 1e-3,
-                         "Total time requests spent waiting in the queue."),
-    "requests_errors": ("dbpool_psycopg_requests_errors", 1.0,
-                        "Requests that failed: timeouts, or rejected with a full queue."),
-    "usage_ms": ("dbpool_psycopg_usage_seconds", 1e-3, "Total time connections spent out of the pool."),
-    "returns_bad": ("dbpool_psycopg_returns_bad", 1.0,
-                    "Connections returned in a bad state (closed, in a transaction)."),
-    "connections_num": ("dbpool_psycopg_connections", 1.0, "Connection attempts made to the server."),
-    "connections_ms": ("dbpool_psycopg_connections_seconds", 1e-3, "Total time spent connecting."),
-    "connections_errors": ("dbpool_psycopg_connections_errors", 1.0, "Failed connection attempts."),
-    "connections_lost": ("dbpool_psycopg_connections_lost", 1.0,
-                         "Connections found broken by the pool's check."),
+# Cumulative get_stats() keys: raw key -> (catalogue entry, factor to base units).
+# One table, like pgbouncer_exporter's, so a new psycopg key is one line here and one in metrics.py.
+COUNTERS: dict[str, tuple[MetricSpec, float]] = {
+    "requests_num": (m.PSYCOPG_REQUESTS, 1.0),
+    "requests_queued": (m.PSYCOPG_REQUESTS_QUEUED, 1.0),
+    "requests_wait_ms": (m.PSYCOPG_REQUESTS_WAIT, 1e-3),
+    "requests_errors": (m.PSYCOPG_REQUESTS_ERRORS, 1.0),
+    "usage_ms": (m.PSYCOPG_USAGE, 1e-3),
+    "returns_bad": (m.PSYCOPG_RETURNS_BAD, 1.0),
+    "connections_num": (m.PSYCOPG_CONNECTIONS, 1.0),
+    "connections_ms": (m.PSYCOPG_CONNECTIONS_TIME, 1e-3),
+    "connections_errors": (m.PSYCOPG_CONNECTIONS_ERRORS, 1.0),
+    "connections_lost": (m.PSYCOPG_CONNECTIONS_LOST, 1.0),
 }
-COUNTER_HELP.update({metric: doc for metric, _, doc in COUNTERS.values()})
 
 
 class PsycopgPoolSource:
@@ -57,7 +53,8 @@ class PsycopgPoolSource:
         stats = self.pool.get_stats()
         size, available = stats.get("pool_size", 0), stats.get("pool_available", 0)
         fields: dict[str, Any] = dict(
-            # pool_size counts connections being opened too; they are not idle, so "checked out".
+            # pool_size counts connections still being opened (all min_size of them right after
+            # open(), for minutes while the server refuses): without hooks they pass for checked out.
             checked_out=max(0, size - available),
             idle=available,
             min=stats.get("pool_min", 0),
@@ -66,12 +63,15 @@ class PsycopgPoolSource:
             timeout=float(self.pool.timeout),
             pending=stats.get("requests_waiting", 0),
             # The docs say keys may be absent until the event first happens: absent means 0.
-            counters={metric: stats.get(key, 0) * factor for key, (metric, factor, _) in COUNTERS.items()},
+            counters={spec.name: stats.get(key, 0) * factor for key, (spec, factor) in COUNTERS.items()},
         )
         if self.recorder is not None:
             self.recorder.capacity = fields["max"] or float("inf")
             # The hooks' own count of waiters replaces requests_waiting: psycopg_pool leaves a
             # timed-out client in its queue until the next connection comes back.
+            # The hooks count the connections handed out since register() and never one being
+            # opened, so a pool still filling reads 0 checked out (and peak), not min_size.
+            fields["checked_out"] = min(fields["checked_out"], len(self.recorder.out))
             fields.update(self.recorder.fold(fields["checked_out"]))
         else:
             fields["acquire_timeouts"] = stats.get("requests_errors", 0)
