@@ -184,10 +184,13 @@ def recording_rules(config: dict[str, Any]) -> list[dict[str, str]]:
          f"  + on (pgbouncer, database) group_left ()\n  {db_cap}\n)\n"
          f"or\nsum by (server, pgbouncer, database) ({bouncer_pool})"),
         # Summed over every replica and process: the budget the server has to honour. PgBouncer's
-        # server pools count as above, not once per exporter that watches that PgBouncer.
+        # server pools count as above, not once per exporter that watches that PgBouncer (one without
+        # its dbpool_pgbouncer_pool_info, which the source always sends, counts as a plain pool).
         ("dbpool:server_pool_max:sum",
-         "sum by (server) (\n  dbpool:pool_max_connections:with_server{kind!=\"pgbouncer\"}\n"
-         "  or\n  dbpool:pgbouncer_database_max_connections:sum\n)"),
+         f"sum by (server) (\n  dbpool:pool_max_connections:with_server{{kind!=\"pgbouncer\"}}\n"
+         f"  or\n  dbpool:pgbouncer_database_max_connections:sum\n"
+         f"  or\n  (\n    dbpool:pool_max_connections:with_server{{{BOUNCER}}}\n"
+         f"    unless on ({q.pool_keys})\n    {q.m('dbpool_pgbouncer_pool_info')}\n  )\n)"),
         # Several exporters may watch one server (one per app replica): count it once.
         ("dbpool:server_usable_connections:max",
          f"max by (server) ({q.m('dbpool_server_usable_connections')})"),
