@@ -147,6 +147,12 @@ def recording_rules(config: dict[str, Any]) -> list[dict[str, str]]:
     bouncer_pool = "dbpool:pgbouncer_pool_max_connections:with_server"
     caps = q.m("dbpool_pgbouncer_database_max_connections", 'database!="other"')
     db_cap = f"max by (pgbouncer, database) ({caps} > 0)"
+    session_pools = q.m("dbpool_pgbouncer_pool_info", 'pool_mode="session"')
+    session = (f"sum by (pgbouncer, database) (\n  max by (pgbouncer, database, user) (\n"
+               f"    {q.m('dbpool_max_connections', BOUNCER)}\n"
+               f"    * on ({q.pool_keys}) group_left (pgbouncer, database, user)\n"
+               f"    {session_pools}\n  )\n)")
+    app_pools = q.m("dbpool_max_connections", 'kind!="pgbouncer"')
     rules = [
         ("dbpool:pool_usage:ratio", q.m("dbpool_usage_ratio")),
         # The exporter's own 60 s maximum sees bursts that fall between scrapes; pools without
@@ -208,6 +214,17 @@ def recording_rules(config: dict[str, Any]) -> list[dict[str, str]]:
         ("dbpool:pgbouncer_client_budget:ratio",
          'sum by (server) (dbpool:pool_max_connections:with_server{kind!="pgbouncer"})\n/ on (server)\n'
          "(dbpool:pgbouncer_client_capacity:min > 0)"),
+        # Session pooling: a client keeps its server connection for its whole session, so the app pools
+        # that name a session-mode PgBouncer database (server = PgBouncer, database = its database name)
+        # fit only into that database's session-mode server pools (capped by max_db_connections).
+        ("dbpool:pgbouncer_session_pool_max:sum", session),
+        ("dbpool:pgbouncer_session_capacity:sum",
+         f'label_replace(\n  ({db_cap} < dbpool:pgbouncer_session_pool_max:sum)\n'
+         f'  or\n  dbpool:pgbouncer_session_pool_max:sum,\n  "server", "$1", "pgbouncer", "(.*)"\n)'),
+        ("dbpool:pgbouncer_session_budget:ratio",
+         f"sum by (server, database) (\n  {app_pools}\n"
+         f"  * on ({q.pool_keys}) group_left (server, database)\n  {q.m('dbpool_pool_info', KNOWN_SERVER)}\n)\n"
+         f"/ on (server, database)\n(dbpool:pgbouncer_session_capacity:sum > 0)"),
     ]
     return [{"record": name, "expr": expr} for name, expr in rules]
 
@@ -264,8 +281,10 @@ def _alert_exprs(config: dict[str, Any]) -> dict[str, str]:
         "DbpoolPgBouncerClientConnectionsHigh":
             f"max by (pgbouncer) ({q.m('dbpool_pgbouncer_client_usage_ratio')})\n"
             f"> {t('DbpoolPgBouncerClientConnectionsHigh')}",
+        # max_client_conn (label server), and each session-mode database's server pools (server, database).
         "DbpoolPgBouncerClientOvercommit":
-            f"dbpool:pgbouncer_client_budget:ratio > {t('DbpoolPgBouncerClientOvercommit')}",
+            f"dbpool:pgbouncer_client_budget:ratio > {t('DbpoolPgBouncerClientOvercommit')}\nor\n"
+            f"dbpool:pgbouncer_session_budget:ratio > {t('DbpoolPgBouncerClientOvercommit')}",
         # Every server connection the pool may open is busy: its own limit (pool_size + reserve), or its
         # database's max_db_connections shared with the other users' pools. A PAUSEd database or a
         # PostgreSQL that refuses logins also queues clients, but with idle slots: not this alert.
@@ -318,6 +337,8 @@ def _annotations(config: dict[str, Any]) -> dict[str, tuple[str, str]]:
                      '{{ . | first | value | humanize }}{{ end }}')
     capacity_q = ('{{ with printf "dbpool:pgbouncer_client_capacity:min{server=%q}" $labels.server | query }}'
                   '({{ . | first | value | humanize }}){{ end }}')
+    session_q = ('{{ with printf "dbpool:pgbouncer_session_capacity:sum{server=%q,database=%q}" $labels.server '
+                 '$labels.database | query }}({{ . | first | value | humanize }}){{ end }}')
     keys = [*_Q(config).inst_list, "worker", "pool", "kind"]
     timeout = _Q(config).m("dbpool_acquire_timeout_seconds", ",".join(f"{k}=%q" for k in keys))
     wait_timeout_q = ("{{ with printf `" + timeout + "` " + " ".join(f"$labels.{k}" for k in keys)
@@ -384,11 +405,16 @@ def _annotations(config: dict[str, Any]) -> dict[str, tuple[str, str]]:
             + a["DbpoolPgBouncerClientConnectionsHigh"]["for"] + "). At 100% it refuses new clients, "
             "whatever its server pools look like."),
         "DbpoolPgBouncerClientOvercommit": (
-            "App pools pointing at PgBouncer {{ $labels.server }} may open more connections than it accepts.",
-            "The app pools that name PgBouncer {{ $labels.server }} as their server may open "
+            "App pools pointing at PgBouncer {{ $labels.server }}{{ with $labels.database }} database {{ . }}"
+            "{{ end }} may open more connections than it accepts.",
+            "{{ if $labels.database }}The app pools that use session-mode database {{ $labels.database }} of "
+            "PgBouncer {{ $labels.server }} may open {{ $value | humanizePercentage }} of that database's server "
+            "pools " + session_q + ". In session pooling every client connection holds a server connection: the "
+            "ones beyond wait inside PgBouncer at their first query and fail after query_wait_timeout."
+            "{{ else }}The app pools that name PgBouncer {{ $labels.server }} as their server may open "
             + bouncer_sum_q + " client connections together (Σ max_connections over every replica), "
             "{{ $value | humanizePercentage }} of its max_client_conn " + capacity_q + ". Under load PgBouncer "
-            "will refuse clients."),
+            "will refuse clients.{{ end }}"),
         "DbpoolPgBouncerPoolSaturated": (
             "Clients queue inside PgBouncer for pool {{ $labels.pool }}.",
             "The oldest client queued in PgBouncer " + _POOL + " has waited {{ $value | humanizeDuration }} "
