@@ -44,15 +44,18 @@ def test_queued_clients_page_and_the_budget_counts_pgbouncer_once(cluster: PgClu
     waiter: threading.Thread | None = None
     try:
         # 2 server connections per pool, 10 clients at most; a queued client is dropped after 60 s.
-        bouncer = setup.start({"app": ""}, default_pool_size="2", reserve_pool_size="0", max_client_conn="10",
-                              query_wait_timeout="60")
+        # reports: session pooling with a single server connection.
+        bouncer = setup.start({"app": "", "reports": "pool_mode=session pool_size=1"}, default_pool_size="2",
+                              reserve_pool_size="0", max_client_conn="10", query_wait_timeout="60")
         # A second daemon watches the same PgBouncer under another source name.
         (tmp_path / "second").mkdir()
         second = DaemonProcess(tmp_path / "second", "defaults: {interval: 0.3}\npgbouncers:\n  - name: pgb2\n"
                                "    dsn_env: PGB_DSN\n", env=_env(PGB_DSN=bouncer.dsn("stats")))
         second.wait_ready()
         # The app: one replica whose pool may open 8 + 4 = 12 client connections, 120% of max_client_conn.
-        app = setup.serve(app=setup.engine("app", "app", pool_size=8, max_overflow=4))
+        # Its reports pool wants 2 connections of a session-mode database that has 1 server connection.
+        app = setup.serve(app=setup.engine("app", "app", pool_size=8, max_overflow=4),
+                          reports=setup.engine("app", "reports", pool_size=2, max_overflow=0))
         targets = [url.removeprefix("http://").removesuffix("/metrics")
                    for url in (setup.daemon_url, f"http://127.0.0.1:{second.port}/metrics", app)]
         rules = {p.name: p.read_text() for p in (ROOT / "alerts").glob("dbpool-*.yml")}
@@ -81,13 +84,17 @@ def test_queued_clients_page_and_the_budget_counts_pgbouncer_once(cluster: PgClu
             seen = wait_until(firing, timeout=75, what=f"{PAGES} firing for both daemons' view of the pool")
             assert {pool for _, pool in seen} == {"pgb/app/app", "pgb2/app/app"}, seen
 
-            # Tier 2: two exporters see PgBouncer's server pool (max 2); PostgreSQL is asked for 2, not 4.
+            # Tier 2: two exporters see PgBouncer's server pools (app 2, reports 1); PostgreSQL is asked for
+            # 3, not 6.
             postgres, pgbouncer = setup.postgres, bouncer.address
-            assert len(stack.query(f'dbpool:pool_max_connections:with_server{{server="{postgres}"}}')) == 2
-            assert _value(stack.query(f'dbpool:server_pool_max:sum{{server="{postgres}"}}')) == 2
-            # Tier 1: the app pool against max_client_conn, pending its 15m.
-            assert _value(stack.query(f'dbpool:pgbouncer_client_budget:ratio{{server="{pgbouncer}"}}')) == 1.2
-            assert stack.query('ALERTS{alertname="DbpoolPgBouncerClientOvercommit", alertstate="pending"}')
+            assert len(stack.query(f'dbpool:pool_max_connections:with_server{{server="{postgres}"}}')) == 4
+            assert _value(stack.query(f'dbpool:server_pool_max:sum{{server="{postgres}"}}')) == 3
+            # Tier 1: the app pools (12 + 2) against max_client_conn; the reports pool against the session-mode
+            # database's one server connection. Both pending their 15m.
+            assert _value(stack.query(f'dbpool:pgbouncer_client_budget:ratio{{server="{pgbouncer}"}}')) == 1.4
+            assert _value(stack.query(f'dbpool:pgbouncer_session_budget:ratio{{server="{pgbouncer}"}}')) == 2
+            pending = stack.query('ALERTS{alertname="DbpoolPgBouncerClientOvercommit", alertstate="pending"}')
+            assert {r["metric"].get("database", "") for r in pending} == {"", "reports"}, pending
             assert not stack.query('ALERTS{alertname="DbpoolPoolOvercommit"}')
 
             # Every query of the dashboard's PgBouncer row returns data from these real series.
