@@ -58,6 +58,16 @@ CONFIG: dict[str, Any] = {
         # Σ pool max_connections per server (all replicas) above this share of usable connections.
         # The long `for:` rides out rolling deploys, when old and new replicas run side by side.
         "DbpoolPoolOvercommit": {"severity": "warning", "threshold": 1.0, "for": "15m"},
+        # Share of PgBouncer's max_client_conn in use by client connections (SHOW LISTS used_clients).
+        "DbpoolPgBouncerClientConnectionsHigh": {"severity": "warning", "threshold": 0.8, "for": "5m"},
+        # Σ max_connections of the app pools that name a PgBouncer as their server, above this share of
+        # its max_client_conn. Long `for:` for rolling deploys, as DbpoolPoolOvercommit.
+        "DbpoolPgBouncerClientOvercommit": {"severity": "warning", "threshold": 1.0, "for": "15m"},
+        # Seconds the oldest client has queued inside PgBouncer (maxwait) while the pool has every server
+        # connection it may open busy. The 15 s `for:` plus a 15 s scrape fire within ~45 s of the first
+        # stuck client, before query_wait_timeout's default 120 s drops it; with a shorter
+        # query_wait_timeout DbpoolAcquireWaitNearTimeout (a share of it, no `for:`) fires first.
+        "DbpoolPgBouncerPoolSaturated": {"severity": "critical", "threshold": 1, "for": "15s"},
         "DbpoolSourceDown": {"severity": "warning", "for": "5m"},
         "DbpoolExporterDown": {"severity": "critical", "for": "3m"},
     },
@@ -68,6 +78,7 @@ ALERTS_FILE = "dbpool-alerts.yml"
 RULES_FILE = "dbpool-rules.yml"
 HERE = Path(__file__).resolve().parent
 KNOWN_SERVER = 'server!=""'  # pools whose target is unknown (a bare Pool) have no server to count against
+BOUNCER = 'kind="pgbouncer"'  # PgBouncer's own server pools, read from its admin console
 
 
 class ConfigError(ValueError):
@@ -133,6 +144,15 @@ def recording_rules(config: dict[str, Any]) -> list[dict[str, str]]:
     q = _Q(config)
     wait_bucket = q.m("dbpool_acquire_wait_seconds_bucket")
     checked_out = q.m("dbpool_connections", 'state="checked_out"')
+    bouncer_pool = "dbpool:pgbouncer_pool_max_connections:with_server"
+    caps = q.m("dbpool_pgbouncer_database_max_connections", 'database!="other"')
+    db_cap = f"max by (pgbouncer, database) ({caps} > 0)"
+    session_pools = q.m("dbpool_pgbouncer_pool_info", 'pool_mode="session"')
+    session = (f"sum by (pgbouncer, database) (\n  max by (pgbouncer, database, user) (\n"
+               f"    {q.m('dbpool_max_connections', BOUNCER)}\n"
+               f"    * on ({q.pool_keys}) group_left (pgbouncer, database, user)\n"
+               f"    {session_pools}\n  )\n)")
+    app_pools = q.m("dbpool_max_connections", 'kind!="pgbouncer"')
     rules = [
         ("dbpool:pool_usage:ratio", q.m("dbpool_usage_ratio")),
         # The exporter's own 60 s maximum sees bursts that fall between scrapes; pools without
@@ -155,8 +175,28 @@ def recording_rules(config: dict[str, Any]) -> list[dict[str, str]]:
          f"{q.m('dbpool_max_connections')}\n"
          f"* on ({q.pool_keys}) group_left (server)\n"
          f"{q.m('dbpool_pool_info', KNOWN_SERVER)}"),
-        # Summed over every replica and process: the budget the server has to honour.
-        ("dbpool:server_pool_max:sum", "sum by (server) (dbpool:pool_max_connections:with_server)"),
+        # A PgBouncer pool counted once per (PgBouncer, database, user), however many exporters (or
+        # source names) watch that PgBouncer; mid-RELOAD they may disagree: plan for the larger.
+        ("dbpool:pgbouncer_pool_max_connections:with_server",
+         f"max by (server, pgbouncer, database, user) (\n"
+         f"  dbpool:pool_max_connections:with_server{{{BOUNCER}}}\n"
+         f"  * on ({q.pool_keys}) group_left (pgbouncer, database, user)\n"
+         f"  {q.m('dbpool_pgbouncer_pool_info')}\n)"),
+        # Per PgBouncer database: its pools together, capped by max_db_connections when that is set
+        # (0 = no limit; the folded "other" database adds up several caps, so it has none).
+        ("dbpool:pgbouncer_database_max_connections:sum",
+         f"(\n  0 * (\n    sum by (server, pgbouncer, database) ({bouncer_pool})\n"
+         f"    > on (pgbouncer, database) group_left ()\n    {db_cap}\n  )\n"
+         f"  + on (pgbouncer, database) group_left ()\n  {db_cap}\n)\n"
+         f"or\nsum by (server, pgbouncer, database) ({bouncer_pool})"),
+        # Summed over every replica and process: the budget the server has to honour. PgBouncer's
+        # server pools count as above, not once per exporter that watches that PgBouncer (one without
+        # its dbpool_pgbouncer_pool_info, which the source always sends, counts as a plain pool).
+        ("dbpool:server_pool_max:sum",
+         f"sum by (server) (\n  dbpool:pool_max_connections:with_server{{kind!=\"pgbouncer\"}}\n"
+         f"  or\n  dbpool:pgbouncer_database_max_connections:sum\n"
+         f"  or\n  (\n    dbpool:pool_max_connections:with_server{{{BOUNCER}}}\n"
+         f"    unless on ({q.pool_keys})\n    {q.m('dbpool_pgbouncer_pool_info')}\n  )\n)"),
         # Several exporters may watch one server (one per app replica): count it once.
         ("dbpool:server_usable_connections:max",
          f"max by (server) ({q.m('dbpool_server_usable_connections')})"),
@@ -166,6 +206,25 @@ def recording_rules(config: dict[str, Any]) -> list[dict[str, str]]:
          "dbpool:server_connections:sum\n/ on (server)\n(dbpool:server_usable_connections:max > 0)"),
         ("dbpool:server_pool_budget:ratio",
          "dbpool:server_pool_max:sum\n/ on (server)\n(dbpool:server_usable_connections:max > 0)"),
+        # Tier 1 of the budget: a PgBouncer's max_client_conn under the name the app pools use for it
+        # (their server label is PgBouncer's host:port). Two exporters should agree; if not, the smaller.
+        ("dbpool:pgbouncer_client_capacity:min",
+         f'min by (server) (\n  label_replace({q.m("dbpool_pgbouncer_max_client_connections")}, '
+         f'"server", "$1", "pgbouncer", "(.*)")\n)'),
+        ("dbpool:pgbouncer_client_budget:ratio",
+         'sum by (server) (dbpool:pool_max_connections:with_server{kind!="pgbouncer"})\n/ on (server)\n'
+         "(dbpool:pgbouncer_client_capacity:min > 0)"),
+        # Session pooling: a client keeps its server connection for its whole session, so the app pools
+        # that name a session-mode PgBouncer database (server = PgBouncer, database = its database name)
+        # fit only into that database's session-mode server pools (capped by max_db_connections).
+        ("dbpool:pgbouncer_session_pool_max:sum", session),
+        ("dbpool:pgbouncer_session_capacity:sum",
+         f'label_replace(\n  ({db_cap} < dbpool:pgbouncer_session_pool_max:sum)\n'
+         f'  or\n  dbpool:pgbouncer_session_pool_max:sum,\n  "server", "$1", "pgbouncer", "(.*)"\n)'),
+        ("dbpool:pgbouncer_session_budget:ratio",
+         f"sum by (server, database) (\n  {app_pools}\n"
+         f"  * on ({q.pool_keys}) group_left (server, database)\n  {q.m('dbpool_pool_info', KNOWN_SERVER)}\n)\n"
+         f"/ on (server, database)\n(dbpool:pgbouncer_session_capacity:sum > 0)"),
     ]
     return [{"record": name, "expr": expr} for name, expr in rules]
 
@@ -219,6 +278,24 @@ def _alert_exprs(config: dict[str, Any]) -> dict[str, str]:
         "DbpoolPoolOvercommit":
             "dbpool:server_pool_max:sum\n> on (server)\n"
             + (usable if overcommit == 1 else f"({_num(overcommit)} * {usable})"),
+        "DbpoolPgBouncerClientConnectionsHigh":
+            f"max by (pgbouncer) ({q.m('dbpool_pgbouncer_client_usage_ratio')})\n"
+            f"> {t('DbpoolPgBouncerClientConnectionsHigh')}",
+        # max_client_conn (label server), and each session-mode database's server pools (server, database).
+        "DbpoolPgBouncerClientOvercommit":
+            f"dbpool:pgbouncer_client_budget:ratio > {t('DbpoolPgBouncerClientOvercommit')}\nor\n"
+            f"dbpool:pgbouncer_session_budget:ratio > {t('DbpoolPgBouncerClientOvercommit')}",
+        # Every server connection the pool may open is busy: its own limit (pool_size + reserve), or its
+        # database's max_db_connections shared with the other users' pools. A PAUSEd database or a
+        # PostgreSQL that refuses logins also queues clients, but with idle slots: not this alert.
+        "DbpoolPgBouncerPoolSaturated":
+            f"{q.m('dbpool_oldest_pending_acquire_age_seconds', BOUNCER)}\n"
+            f"> {t('DbpoolPgBouncerPoolSaturated')}\n"
+            f"and {on}\n(\n  {q.m('dbpool_usage_ratio', BOUNCER)} >= 1\n  or {on}\n"
+            f"  {q.m('dbpool_pgbouncer_pool_info')}\n"
+            f"  * on ({q.inst}, pgbouncer, database) group_left ()\n"
+            f"  (\n    {q.m('dbpool_pgbouncer_database_server_connections')}\n"
+            f"    >= ({q.m('dbpool_pgbouncer_database_max_connections')} > 0)\n  )\n)",
         "DbpoolSourceDown": f"{q.m('dbpool_source_up')} == 0",
         # The daemon by its job name; an in-process exporter under any job by its recent dbpool series.
         "DbpoolExporterDown":
@@ -256,6 +333,16 @@ def _annotations(config: dict[str, Any]) -> dict[str, tuple[str, str]]:
 
     usable_q = ('{{ with printf "dbpool:server_usable_connections:max{server=%q}" $labels.server | query }}'
                 '{{ . | first | value | humanize }}{{ end }}')
+    bouncer_sum_q = ('{{ with printf "dbpool:server_pool_max:sum{server=%q}" $labels.server | query }}'
+                     '{{ . | first | value | humanize }}{{ end }}')
+    capacity_q = ('{{ with printf "dbpool:pgbouncer_client_capacity:min{server=%q}" $labels.server | query }}'
+                  '({{ . | first | value | humanize }}){{ end }}')
+    session_q = ('{{ with printf "dbpool:pgbouncer_session_capacity:sum{server=%q,database=%q}" $labels.server '
+                 '$labels.database | query }}({{ . | first | value | humanize }}){{ end }}')
+    keys = [*_Q(config).inst_list, "worker", "pool", "kind"]
+    timeout = _Q(config).m("dbpool_acquire_timeout_seconds", ",".join(f"{k}=%q" for k in keys))
+    wait_timeout_q = ("{{ with printf `" + timeout + "` " + " ".join(f"$labels.{k}" for k in keys)
+                      + " | query }} ({{ . | first | value | humanizeDuration }}){{ end }}")
     return {
         "DbpoolPoolUsageHigh": (
             "Connection pool {{ $labels.pool }} is more than " + pct("DbpoolPoolUsageHigh") + " used.",
@@ -310,6 +397,29 @@ def _annotations(config: dict[str, Any]) -> dict[str, tuple[str, str]]:
             "(Σ max_connections over every replica), more than " + pct("DbpoolPoolOvercommit")
             + " of the server's " + usable_q + " usable connections. Under load the server, not the pools, "
             "will refuse connections."),
+        "DbpoolPgBouncerClientConnectionsHigh": (
+            "PgBouncer {{ $labels.pgbouncer }} is more than " + pct("DbpoolPgBouncerClientConnectionsHigh")
+            + " of max_client_conn.",
+            "PgBouncer {{ $labels.pgbouncer }} holds {{ $value | humanizePercentage }} of its max_client_conn "
+            "client connections (threshold " + pct("DbpoolPgBouncerClientConnectionsHigh") + " for "
+            + a["DbpoolPgBouncerClientConnectionsHigh"]["for"] + "). At 100% it refuses new clients, "
+            "whatever its server pools look like."),
+        "DbpoolPgBouncerClientOvercommit": (
+            "App pools pointing at PgBouncer {{ $labels.server }}{{ with $labels.database }} database {{ . }}"
+            "{{ end }} may open more connections than it accepts.",
+            "{{ if $labels.database }}The app pools that use session-mode database {{ $labels.database }} of "
+            "PgBouncer {{ $labels.server }} may open {{ $value | humanizePercentage }} of that database's server "
+            "pools " + session_q + ". In session pooling every client connection holds a server connection: the "
+            "ones beyond wait inside PgBouncer at their first query and fail after query_wait_timeout."
+            "{{ else }}The app pools that name PgBouncer {{ $labels.server }} as their server may open "
+            + bouncer_sum_q + " client connections together (Σ max_connections over every replica), "
+            "{{ $value | humanizePercentage }} of its max_client_conn " + capacity_q + ". Under load PgBouncer "
+            "will refuse clients.{{ end }}"),
+        "DbpoolPgBouncerPoolSaturated": (
+            "Clients queue inside PgBouncer for pool {{ $labels.pool }}.",
+            "The oldest client queued in PgBouncer " + _POOL + " has waited {{ $value | humanizeDuration }} "
+            "for a server connection while every server connection the pool may open is busy. Clients fail "
+            "once they have waited query_wait_timeout" + wait_timeout_q + "."),
         "DbpoolSourceDown": (
             "dbpool exporter source {{ $labels.source }} is failing.",
             "Source {{ $labels.source }} ({{ $labels.kind }}) on {{ $labels.instance }} has failed every "

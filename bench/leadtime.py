@@ -38,10 +38,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from promstack import PromStack, wait_until  # noqa: E402
-
 from dbpool_exporter import Exporter  # noqa: E402
 from dbpool_exporter.throwaway import PgCluster, free_port  # noqa: E402
+from promstack import PromStack, wait_until  # noqa: E402
 
 POOL_SIZE, MAX_OVERFLOW, POOL_TIMEOUT = 20, 40, 30.0
 # name -> (already leaked when monitoring starts, seconds between leaks)

@@ -22,9 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from promstack import PromStack, wait_until  # noqa: E402
-
 from dbpool_exporter.throwaway import free_port  # noqa: E402
+from promstack import PromStack, wait_until  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,10 +1,11 @@
-"""The server dashboard: PostgreSQL connections by state, application, user and database; transactions."""
+"""The server dashboard: PostgreSQL connections by state, application, user and database; transactions; PgBouncer."""
 
 from __future__ import annotations
 
 from grafanalib import core as g
 
 from .common import (
+    DATASOURCE,
     GREEN,
     ORANGE,
     RED,
@@ -33,6 +34,97 @@ def _connections(title: str, labels: str, legend: str, description: str) -> g.Ti
     return timeseries(title, description, [target(_by(labels), legend + " ({{server}})"),
                                            target(USABLE, "usable ({{server}})")],
                       stack=True, overrides=[dashed("usable .*")])
+
+
+PS = 'pgbouncer=~"$pgbouncer"'
+# A PgBouncer pool's series name it by pool only; its info line adds PgBouncer, database and user. Several
+# exporters may watch one PgBouncer (under different source names): max by keeps one view of each pool.
+POOL_INFO = f"dbpool_pgbouncer_pool_info{{{PS}}}"
+
+
+BOUNCER_MAX = 'dbpool_max_connections{kind="pgbouncer"}'
+
+
+def _bouncer_pool(metric: str, by: str = "") -> str:
+    extra = f", {by}" if by else ""
+    return (f"max by (pgbouncer, database, user{extra}) (\n  {metric}\n"
+            f"  * on (job, instance, worker, pool, kind) group_left (pgbouncer, database, user)\n  {POOL_INFO}\n)")
+
+
+def _per_database(counter: str) -> str:
+    return f"max by (pgbouncer, database) (rate({counter}{{{PS}}}[$__rate_interval]))"
+
+
+def pgbouncer_panels() -> list[tuple[g.Panel, int, int]]:
+    waiting = _bouncer_pool('dbpool_pgbouncer_pool_clients{state="waiting"}')
+    wait = _per_database("dbpool_pgbouncer_client_wait_seconds_total")
+    return [
+        (timeseries(
+            "PgBouncer client connections", "Client connections (SHOW LISTS used_clients, the exporter's own "
+            "included) against max_client_conn. DbpoolPgBouncerClientConnectionsHigh fires above 80% for 5m; "
+            "at 100% PgBouncer refuses new clients.",
+            [target(f"max by (pgbouncer) (dbpool_pgbouncer_client_connections{{{PS}}})", "clients ({{pgbouncer}})"),
+             target(f"max by (pgbouncer) (dbpool_pgbouncer_max_client_connections{{{PS}}})",
+                    "max_client_conn ({{pgbouncer}})")],
+            overrides=[dashed("max_client_conn .*")]), 8, 8),
+        (timeseries(
+            "PgBouncer waiting clients", "Clients queued inside PgBouncer for a server connection (cl_waiting), "
+            "per database/user pool: the app pools see them as slow queries, not as waits.",
+            [target(waiting, "{{database}}/{{user}} ({{pgbouncer}})")], stack=True), 8, 8),
+        (timeseries(
+            "PgBouncer oldest client wait", "How long the oldest queued client of each pool has waited (maxwait), "
+            "against a quarter of query_wait_timeout (DbpoolAcquireWaitNearTimeout). "
+            "DbpoolPgBouncerPoolSaturated fires above 1 s with every server connection busy.",
+            [target(_bouncer_pool('dbpool_oldest_pending_acquire_age_seconds{kind="pgbouncer"}'),
+                    "{{database}}/{{user}} ({{pgbouncer}})"),
+             target(_bouncer_pool('0.25 * dbpool_acquire_timeout_seconds{kind="pgbouncer"}'),
+                    "timeout/4 {{database}}/{{user}} ({{pgbouncer}})")],
+            unit="s", overrides=[dashed("timeout/4 .*", ORANGE)]), 8, 8),
+        (timeseries(
+            "PgBouncer server pool usage", "Server connections serving a client (sv_active) / what the pool may "
+            "open (pool_size + reserve, capped by max_db_connections and max_user_connections).",
+            [target(_bouncer_pool('dbpool_usage_ratio{kind="pgbouncer"}'), "{{database}}/{{user}} ({{pgbouncer}})")],
+            unit="percentunit", max_value=1, thresholds=steps((GREEN, None), (ORANGE, 0.8), (RED, 1))), 8, 8),
+        (timeseries(
+            "PgBouncer server connections by state", "PgBouncer's connections to PostgreSQL by state (SHOW POOLS "
+            "sv_*), stacked, against the Σ of its pools' limits (before max_db_connections caps them).",
+            [target(f"sum by (pgbouncer, state) (\n{_bouncer_pool('dbpool_pgbouncer_pool_servers', 'state')}\n)",
+                    "{{state}} ({{pgbouncer}})"),
+             target(f"sum by (pgbouncer) (\n{_bouncer_pool(BOUNCER_MAX)}\n)",
+                    "Σ pool max ({{pgbouncer}})")],
+            stack=True, overrides=[dashed("Σ pool max .*")]), 8, 8),
+        (timeseries(
+            "PgBouncer transactions and queries", "Transactions and queries PgBouncer passed on, per second, "
+            "per database (SHOW STATS).",
+            [target(_per_database("dbpool_pgbouncer_transactions_total"), "transactions {{database}} ({{pgbouncer}})"),
+             target(_per_database("dbpool_pgbouncer_queries_total"), "queries {{database}} ({{pgbouncer}})")],
+            unit="reqps"), 8, 8),
+        (timeseries(
+            "PgBouncer average client wait", "Seconds clients waited for a server connection, per server "
+            "assignment (PgBouncer 1.23+), else per transaction: total_wait_time counts a wait when it ends.",
+            [target(f"{wait}\n/ ({_per_database('dbpool_pgbouncer_server_assignments_total')} > 0)\nor\n"
+                    f"{wait}\n/ ({_per_database('dbpool_pgbouncer_transactions_total')} > 0)",
+                    "{{database}} ({{pgbouncer}})")], unit="s"), 8, 8),
+        (g.Table(
+            title="PgBouncer databases", dataSource=DATASOURCE,
+            description="Each PgBouncer database, the PostgreSQL server and database behind it (the `server` "
+                        "of its pools), its pool mode, pool_size and server connections now.",
+            targets=[
+                g.Target(expr=f"max by (pgbouncer, database, server, server_database, pool_mode) "
+                              f"(dbpool_pgbouncer_database_info{{{PS}}})",
+                         format="table", instant=True),
+                g.Target(expr=f"max by (pgbouncer, database) (dbpool_pgbouncer_database_pool_size{{{PS}}})",
+                         format="table", instant=True),
+                g.Target(expr=f"max by (pgbouncer, database) "
+                              f"(dbpool_pgbouncer_database_server_connections{{{PS}}})",
+                         format="table", instant=True)],
+            transformations=[
+                {"id": "merge", "options": {}},
+                {"id": "organize", "options": {
+                    "excludeByName": {"Time": True, "Value #A": True},
+                    "renameByName": {"Value #B": "pool_size", "Value #C": "server connections"}}},
+            ]), 16, 8),
+    ]
 
 
 def panels() -> list[g.Panel]:
@@ -83,7 +175,8 @@ def panels() -> list[g.Panel]:
             [target(f"max by (server, label) (dbpool_server_folded_values{{{SS}}})", "{{label}} ({{server}})")]),
          8, 7),
     ]
-    return layout([("Connections", connections), ("Transactions", transactions), ("Exporter", exporter)])
+    return layout([("Connections", connections), ("Transactions", transactions), ("PgBouncer", pgbouncer_panels()),
+                   ("Exporter", exporter)])
 
 
 def dashboard() -> g.Dashboard:
@@ -99,6 +192,7 @@ def dashboard() -> g.Dashboard:
         templating=g.Templating(list=[
             datasource_variable(),
             variable("server", "Server", "label_values(dbpool_server_usable_connections, server)"),
+            variable("pgbouncer", "PgBouncer", "label_values(dbpool_pgbouncer_info, pgbouncer)"),
         ]),
         panels=panels(),
     )

@@ -23,7 +23,8 @@ NAMES = {
     "DbpoolPoolExhaustionForecast": "warning", "DbpoolAcquireWaitSlow": "warning",
     "DbpoolAcquireTimeouts": "critical", "DbpoolConnectionLeak": "warning", "DbpoolServerConnectionsHigh": "warning",
     "DbpoolIdleInTransaction": "warning", "DbpoolPoolOvercommit": "warning", "DbpoolSourceDown": "warning",
-    "DbpoolExporterDown": "critical",
+    "DbpoolExporterDown": "critical", "DbpoolPgBouncerClientConnectionsHigh": "warning",
+    "DbpoolPgBouncerClientOvercommit": "warning", "DbpoolPgBouncerPoolSaturated": "critical",
 }
 # Fires on the first evaluation that sees a caller past its share of the pool timeout: a `for:`
 # would let the timeout run out first.
@@ -79,8 +80,8 @@ def test_alert_names_severities_and_annotations() -> None:
         assert set(notes) == {"summary", "description", "runbook_url"}, name
         if name not in ("DbpoolSourceDown", "DbpoolExporterDown"):  # their value is always 0
             assert "{{ $value" in notes["description"], f"{name}: the description should carry the value"
-        assert "$labels.pool" in notes["description"] or "$labels.server" in notes["description"] \
-            or "$labels.instance" in notes["description"], name
+        assert any(f"$labels.{label}" in notes["description"]
+                   for label in ("pool", "server", "instance", "pgbouncer")), name
         anchor = notes["runbook_url"].rsplit("#", 1)[1]
         assert notes["runbook_url"].startswith(generate.CONFIG["runbook_url"] + "#")
         assert anchor in headings, f"{name}: docs/runbook.md has no section '## {name}'"

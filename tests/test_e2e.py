@@ -11,14 +11,18 @@ import threading
 from collections import deque
 from typing import Any, Callable
 
+import psycopg
 import pytest
 import yaml
-from promstack import PromStack, StackError, wait_until
+from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool
 from sqlalchemy import create_engine
 
+from bouncer import Bouncer
 from dbpool_exporter import Exporter
+from dbpool_exporter.sources.pgbouncer import PgBouncerSource
 from dbpool_exporter.throwaway import free_port
+from promstack import PromStack, StackError, wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Overridable so the test can be pointed at rules/dashboards elsewhere; CI uses the repository's.
@@ -138,6 +142,22 @@ def _register_server_source(exporter: Exporter, dsn: str) -> bool:
     return True
 
 
+def _pgbouncer_in_front(exporter: Exporter, dsn: str) -> Bouncer:
+    """A real PgBouncer in front of the test server, watched by the exporter: the dashboard's PgBouncer row."""
+    params = conninfo_to_dict(dsn)
+    target = " ".join(f"{key}={params[key]}" for key in ("host", "port", "dbname", "user", "password") if key in params)
+    bouncer = Bouncer({"app": target}, {"stats": "stats-e2e-1", "app": "app-e2e-1"}).start()
+    exporter.register("pgb", PgBouncerSource("pgb", bouncer.dsn("stats"), interval=1))
+    _through(bouncer)  # PgBouncer opens a database/user pool at its first client
+    return bouncer
+
+
+def _through(bouncer: Bouncer, queries: int = 1) -> None:
+    with psycopg.connect(bouncer.dsn("app", "app"), autocommit=True, prepare_threshold=None) as conn:
+        for _ in range(queries):
+            conn.execute("SELECT 1")
+
+
 def _firing_in_alertmanager(stack: PromStack) -> set[tuple[str, str]]:
     return {(a["labels"].get("alertname", ""), a["labels"].get("pool", "")) for a in stack.alertmanager_alerts()}
 
@@ -185,12 +205,14 @@ def test_alerts_reach_alertmanager_and_resolve_and_every_panel_answers(pg_dsn: s
                 # Looked up at call time: registering the pool instruments its getconn/putconn.
                 Squeeze("checkpointer", lambda: pool.getconn(), lambda conn: pool.putconn(conn), 2)]
     stack: PromStack | None = None
+    bouncer: Bouncer | None = None
     try:
         # Leak detection on (threshold far away) so the leak panels have a series to show; a short
         # peak window so peak-based rules see the release within the test's bounded wait.
         for name, target in (("app", engine), ("checkpointer", pool)):
             exporter.register(name, target, leak_threshold=600, peak_window=10)
         with_server = _register_server_source(exporter, pg_dsn)
+        bouncer = _pgbouncer_in_front(exporter, pg_dsn)
         port = free_port()
         exporter.start_http_server(port)
         stack = PromStack([f"127.0.0.1:{port}"], rules).start()
@@ -206,6 +228,10 @@ def test_alerts_reach_alertmanager_and_resolve_and_every_panel_answers(pg_dsn: s
                        what=f"{sorted(wanted)} in Alertmanager")
         except StackError as e:
             pytest.fail(f"{e}\n{_context(stack)}")
+        # Traffic through PgBouncer, so its rate panels (and the wait per transaction) have an increase.
+        _through(bouncer, 5)
+        wait_until(lambda: stack.query("rate(dbpool_pgbouncer_transactions_total[1m]) > 0"), timeout=20,
+                   what="PgBouncer's transactions in Prometheus")
         problems = _run_panels(stack, panels)  # the pools are still exhausted here
 
         for squeeze in squeezes:
@@ -229,6 +255,8 @@ def test_alerts_reach_alertmanager_and_resolve_and_every_panel_answers(pg_dsn: s
         if stack is not None:
             stack.stop()
         exporter.stop()
+        if bouncer is not None:
+            bouncer.destroy()
         pool.close()
         engine.dispose()
 

@@ -10,10 +10,10 @@ from typing import Callable, Iterator
 import psycopg
 import pytest
 import yaml
-from bouncer import Bouncer
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import generate_latest
 
+from bouncer import Bouncer
 from conftest import check_metrics
 from daemonproc import DaemonProcess, clean_env
 from dbpool_exporter import Exporter

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Callable
 
 from promstack import PromStack, wait_until
-
 from workerapps import App, get, workers_seen
 
 ALERTS = Path(__file__).resolve().parent.parent / "alerts"
