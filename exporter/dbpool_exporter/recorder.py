@@ -145,12 +145,7 @@ class Recorder:
         self.full_gate = _gate(value)
         self._open_site_gate(0.0)
 
-    # --- hot path -------------------------------------------------------------------------
-    # The sources' acquire hooks do the bookkeeping inline (a Python call is a sizeable share of a
-    # checkout: bench/checkout.py): on entry append to ``waiting`` and, past ``full_gate``, call
-    # ``queue()``; on success pop ``waiting`` (and discard from a non-empty ``queued``), append the
-    # wait, store ``out[key]`` (a start time, or ``checkout(now)`` once ``len(out)`` reaches
-    # ``site_gate``) and raise ``out_peak``. A change here goes there too.
+    # --- the hooks' slower branches (hooks.py holds the hot path) ------------------------------
     def acquire_failed(self, started: float, timed_out: bool) -> None:
         self.waiting.pop()
         self.queued.discard(started)
@@ -158,15 +153,6 @@ class Recorder:
             self.waits.append(_now() - started)
             self.timeouts.append(None)
 
-    def released(self, key: int) -> None:
-        checkout = self.out.pop(key, None)
-        if checkout is not None:
-            if checkout.__class__ is float:
-                self.holds.append(_now() - checkout)
-            else:
-                self.released_checkout(checkout)  # type: ignore[arg-type]
-
-    # --- their slower branches ----------------------------------------------------------------
     def queue(self, inside: int, started: float) -> None:
         """``inside`` callers hold or wait for a connection, more than the pool has: this one queues.
 
