@@ -26,7 +26,7 @@ _ACQUIRE_LINE = sys._getframe().f_lineno + 2
 _ACQUIRE = """\
 def factory(original, recorder, timeout_error):
     waiting, queued, waits, out = recorder.waiting, recorder.queued, recorder.waits, recorder.out
-    queue, failed, checkout = recorder.queue, recorder.acquire_failed, recorder.checkout
+    queue, failed, acquired = recorder.queue, recorder.acquire_failed, recorder.acquired
 
     {async_}def acquire({params}):
         started = _now()
@@ -48,10 +48,10 @@ def factory(original, recorder, timeout_error):
             queued.discard(started)
         waits.append(now - started)
         held = len(out)
-        # A start time, or (with its site) a record once the pool is busy enough to attribute.
-        out[id(conn{key})] = now if held < recorder.site_gate else checkout(now)
-        if held >= recorder.out_peak:
-            recorder.out_peak = held + 1
+        if held < recorder.acquired_gate:
+            out[id(conn{key})] = now
+        else:  # a new peak since the last poll, or a pool busy enough to name its holders
+            out[id(conn{key})] = acquired(held, now)
         return conn
 
     return acquire
@@ -63,7 +63,7 @@ def factory(original, recorder):
 
     {async_}def release({params}):
         checkout = out.pop(id({last}{key}), None)
-        if type(checkout) is float:
+        if checkout.__class__ is float:
             holds.append(_now() - checkout)
         elif checkout is not None:
             released(checkout)

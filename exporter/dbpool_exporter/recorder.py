@@ -127,8 +127,11 @@ class Recorder:
         self.pool_name = pool_name
         self.sites = max(0, int(sites))
         self.site_age = site_age
-        # The hooks capture a checkout's site when len(out) >= site_gate; fold() keeps it current.
+        # A checkout's site is captured when len(out) >= site_gate; fold() keeps it current.
         self.site_gate: int = 0 if leak_threshold is not None else NEVER
+        # min(site_gate, out_peak): below it an acquire stores its start time and is done, one
+        # comparison; at or past it acquired() captures the site or raises the peak.
+        self.acquired_gate: int = 0
         self._wait_hist = _Folded(wait_buckets)
         self._hold_hist = _Folded(hold_buckets)
         self._peaks: deque[tuple[float, int, int]] = deque()
@@ -168,9 +171,17 @@ class Recorder:
         self.waiting_peak = int(inside - self._capacity)
         self.peak_gate = _gate(self._capacity + self.waiting_peak)
 
-    def checkout(self, now: float) -> _Checkout | tuple[float, _sites.Site | None]:
-        """A checkout with its site: (start, site), or with leak detection a record holding its
-        stack, where fold() finds the site. Called by the hook, so both skip it."""
+    def acquired(self, held: int, now: float) -> float | _Checkout | tuple[float, _sites.Site | None]:
+        """What ``out`` keeps for a checkout made with ``held`` others out, at ``acquired_gate`` or past it.
+
+        A start time, or with its site (start, site), or with leak detection a record holding its
+        stack, where fold() finds the site. Called by the hook, so both skip it.
+        """
+        if held >= self.out_peak:
+            self.out_peak = held + 1
+        self.acquired_gate = min(self.site_gate, self.out_peak)
+        if held < self.site_gate:
+            return now
         if self.leak_threshold is None:
             return now, _capture_site(2)  # a tuple: no Python-level __init__ on the hot path
         return _Checkout(now, None, _capture_stack())
@@ -229,6 +240,7 @@ class Recorder:
             self.site_gate = _gate((self._capacity + 1) // 2) if self._capacity < NEVER else NEVER
         else:
             self.site_gate = NEVER
+        self.acquired_gate = min(self.site_gate, self.out_peak)
 
     def _top_sites(self, checkouts: list[float | tuple[float, _sites.Site | None] | _Checkout],
                    now: float) -> tuple[tuple[str, int, float], ...]:
