@@ -178,8 +178,9 @@ class Recorder:
         stack, where fold() finds the site. Called by the hook, so both skip it.
         """
         if held >= self.out_peak:
-            self.out_peak = held + 1
-        self.acquired_gate = min(self.site_gate, self.out_peak)
+            self.out_peak = peak = held + 1
+            # min(site_gate, out_peak) inline: the call would cost more than the rest of this branch.
+            self.acquired_gate = peak if peak < self.site_gate else self.site_gate
         if held < self.site_gate:
             return now
         if self.leak_threshold is None:
