@@ -82,7 +82,7 @@ def acquire_hook(original: Callable[..., Any], recorder: Recorder, timeout_error
     ``timeout_error`` is the pool's own, counted apart from other failures.
     """
     factory = _render(_ACQUIRE, _ACQUIRE_LINE, is_async, params, key)
-    return factory(original, recorder, timeout_error)  # type: ignore[no-any-return]
+    return factory(original, recorder, timeout_error)
 
 
 def release_hook(original: Callable[..., Any] | None, recorder: Recorder, *, is_async: bool = False,
@@ -92,7 +92,7 @@ def release_hook(original: Callable[..., Any] | None, recorder: Recorder, *, is_
     ``original=None`` makes an event listener, which has nothing to pass the release on to.
     """
     factory = _render(_RELEASE, _RELEASE_LINE, is_async, params, key, original is not None)
-    return factory(original, recorder)  # type: ignore[no-any-return]
+    return factory(original, recorder)
 
 
 @cache

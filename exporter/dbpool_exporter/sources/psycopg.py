@@ -89,6 +89,6 @@ def _install(pool: BasePool, recorder: Recorder) -> None:
     # every acquire and release; removing them restores the class methods exactly.
     cls = type(pool)
     is_async = inspect.iscoroutinefunction(cls.getconn)  # type: ignore[attr-defined]
-    pool.getconn = acquire_hook(cls.getconn.__get__(pool), recorder, PoolTimeout,  # type: ignore[attr-defined,method-assign]
+    pool.getconn = acquire_hook(cls.getconn.__get__(pool), recorder, PoolTimeout,  # type: ignore[attr-defined]
                                 is_async=is_async, params="timeout=None")
-    pool.putconn = release_hook(cls.putconn.__get__(pool), recorder, is_async=is_async)  # type: ignore[attr-defined,method-assign]
+    pool.putconn = release_hook(cls.putconn.__get__(pool), recorder, is_async=is_async)  # type: ignore[attr-defined]
