@@ -127,8 +127,11 @@ class Recorder:
         self.pool_name = pool_name
         self.sites = max(0, int(sites))
         self.site_age = site_age
-        # The hooks capture a checkout's site when len(out) >= site_gate; fold() keeps it current.
+        # A checkout's site is captured when len(out) >= site_gate; fold() keeps it current.
         self.site_gate: int = 0 if leak_threshold is not None else NEVER
+        # min(site_gate, out_peak): below it an acquire stores its start time and is done, one
+        # comparison; at or past it acquired() captures the site or raises the peak.
+        self.acquired_gate: int = 0
         self._wait_hist = _Folded(wait_buckets)
         self._hold_hist = _Folded(hold_buckets)
         self._peaks: deque[tuple[float, int, int]] = deque()
@@ -145,12 +148,7 @@ class Recorder:
         self.full_gate = _gate(value)
         self._open_site_gate(0.0)
 
-    # --- hot path -------------------------------------------------------------------------
-    # The sources' acquire hooks do the bookkeeping inline (a Python call is a sizeable share of a
-    # checkout: bench/checkout.py): on entry append to ``waiting`` and, past ``full_gate``, call
-    # ``queue()``; on success pop ``waiting`` (and discard from a non-empty ``queued``), append the
-    # wait, store ``out[key]`` (a start time, or ``checkout(now)`` once ``len(out)`` reaches
-    # ``site_gate``) and raise ``out_peak``. A change here goes there too.
+    # --- the hooks' slower branches (hooks.py holds the hot path) ------------------------------
     def acquire_failed(self, started: float, timed_out: bool) -> None:
         self.waiting.pop()
         self.queued.discard(started)
@@ -158,15 +156,6 @@ class Recorder:
             self.waits.append(_now() - started)
             self.timeouts.append(None)
 
-    def released(self, key: int) -> None:
-        checkout = self.out.pop(key, None)
-        if checkout is not None:
-            if checkout.__class__ is float:
-                self.holds.append(_now() - checkout)
-            else:
-                self.released_checkout(checkout)  # type: ignore[arg-type]
-
-    # --- their slower branches ----------------------------------------------------------------
     def queue(self, inside: int, started: float) -> None:
         """``inside`` callers hold or wait for a connection, more than the pool has: this one queues.
 
@@ -182,9 +171,18 @@ class Recorder:
         self.waiting_peak = int(inside - self._capacity)
         self.peak_gate = _gate(self._capacity + self.waiting_peak)
 
-    def checkout(self, now: float) -> _Checkout | tuple[float, _sites.Site | None]:
-        """A checkout with its site: (start, site), or with leak detection a record holding its
-        stack, where fold() finds the site. Called by the hook, so both skip it."""
+    def acquired(self, held: int, now: float) -> float | _Checkout | tuple[float, _sites.Site | None]:
+        """What ``out`` keeps for a checkout made with ``held`` others out, at ``acquired_gate`` or past it.
+
+        A start time, or with its site (start, site), or with leak detection a record holding its
+        stack, where fold() finds the site. Called by the hook, so both skip it.
+        """
+        if held >= self.out_peak:
+            self.out_peak = peak = held + 1
+            # min(site_gate, out_peak) inline: the call would cost more than the rest of this branch.
+            self.acquired_gate = peak if peak < self.site_gate else self.site_gate
+        if held < self.site_gate:
+            return now
         if self.leak_threshold is None:
             return now, _capture_site(2)  # a tuple: no Python-level __init__ on the hot path
         return _Checkout(now, None, _capture_stack())
@@ -243,6 +241,7 @@ class Recorder:
             self.site_gate = _gate((self._capacity + 1) // 2) if self._capacity < NEVER else NEVER
         else:
             self.site_gate = NEVER
+        self.acquired_gate = min(self.site_gate, self.out_peak)
 
     def _top_sites(self, checkouts: list[float | tuple[float, _sites.Site | None] | _Checkout],
                    now: float) -> tuple[tuple[str, int, float], ...]:

@@ -17,7 +17,9 @@ _INTERNAL_DIRS = (
     "/sqlalchemy/", "/psycopg/", "/psycopg_pool/", "/asyncio/", "/starlette/", "/fastapi/", "/anyio/",
     "/greenlet/", "/dbpool_exporter/sources/",
 )
-_INTERNAL_FILES = ("/contextlib.py", "/dbpool_exporter/recorder.py", "/dbpool_exporter/sites.py")
+_INTERNAL_FILES = (
+    "/contextlib.py", "/dbpool_exporter/hooks.py", "/dbpool_exporter/recorder.py", "/dbpool_exporter/sites.py",
+)
 _MAX_DEPTH = 64
 OTHER = "other"  # the bucket; a real site always has "(" in its label, so never equals it
 

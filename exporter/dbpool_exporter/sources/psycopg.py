@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import inspect
-from time import perf_counter as _now
 from typing import Any
 
 from psycopg_pool import PoolTimeout
 from psycopg_pool.base import BasePool
 
 from .. import metrics as m
+from ..hooks import acquire_hook, release_hook
 from ..metrics import MetricSpec
 from ..recorder import Recorder
 from ..redact import from_conninfo
@@ -87,81 +87,8 @@ def _install(pool: BasePool, recorder: Recorder) -> None:
     # psycopg_pool reports only a total wait, not one per request. connection() calls
     # self.getconn()/self.putconn() (public API), so instance attributes shadowing them see
     # every acquire and release; removing them restores the class methods exactly.
-    # The hooks inline Recorder.acquire_started(), .acquired() and .released(): one frame instead
-    # of two or three on a path that costs a few microseconds (bench/checkout.py).
     cls = type(pool)
-    getconn, putconn = cls.getconn.__get__(pool), cls.putconn.__get__(pool)  # type: ignore[attr-defined]
-    failed = recorder.acquire_failed
-    waiting, queued, waits, holds, out = (recorder.waiting, recorder.queued, recorder.waits, recorder.holds,
-                                           recorder.out)
-    if inspect.iscoroutinefunction(cls.getconn):  # type: ignore[attr-defined]
-        async def agetconn(timeout: float | None = None) -> Any:
-            started = _now()
-            waiting.append(None)
-            inside = len(out) + len(waiting)
-            if inside > recorder.full_gate:  # the pool is full: this caller queues
-                recorder.queue(inside, started)
-            try:
-                conn = await getconn(timeout)
-            except PoolTimeout:
-                failed(started, True)
-                raise
-            except BaseException:
-                failed(started, False)
-                raise
-            now = _now()
-            waiting.pop()
-            if queued:
-                queued.discard(started)
-            waits.append(now - started)
-            held = len(out)
-            out[id(conn)] = now if held < recorder.site_gate else recorder.checkout(now)
-            if held >= recorder.out_peak:
-                recorder.out_peak = held + 1
-            return conn
-
-        async def aputconn(conn: Any) -> None:
-            checkout = out.pop(id(conn), None)
-            if checkout.__class__ is float:
-                holds.append(_now() - checkout)
-            elif checkout is not None:
-                recorder.released_checkout(checkout)
-            await putconn(conn)
-
-        pool.getconn, pool.putconn = agetconn, aputconn  # type: ignore[method-assign]
-        return
-
-    def sgetconn(timeout: float | None = None) -> Any:
-        started = _now()
-        waiting.append(None)
-        inside = len(out) + len(waiting)
-        if inside > recorder.full_gate:  # the pool is full: this caller queues
-            recorder.queue(inside, started)
-        try:
-            conn = getconn(timeout)
-        except PoolTimeout:
-            failed(started, True)
-            raise
-        except BaseException:
-            failed(started, False)
-            raise
-        now = _now()
-        waiting.pop()
-        if queued:
-            queued.discard(started)
-        waits.append(now - started)
-        held = len(out)
-        out[id(conn)] = now if held < recorder.site_gate else recorder.checkout(now)
-        if held >= recorder.out_peak:
-            recorder.out_peak = held + 1
-        return conn
-
-    def sputconn(conn: Any) -> None:
-        checkout = out.pop(id(conn), None)
-        if checkout.__class__ is float:
-            holds.append(_now() - checkout)
-        elif checkout is not None:
-            recorder.released_checkout(checkout)
-        putconn(conn)
-
-    pool.getconn, pool.putconn = sgetconn, sputconn  # type: ignore[method-assign]
+    is_async = inspect.iscoroutinefunction(cls.getconn)  # type: ignore[attr-defined]
+    pool.getconn = acquire_hook(cls.getconn.__get__(pool), recorder, PoolTimeout,  # type: ignore[attr-defined]
+                                is_async=is_async, params="timeout=None")
+    pool.putconn = release_hook(cls.putconn.__get__(pool), recorder, is_async=is_async)  # type: ignore[attr-defined]

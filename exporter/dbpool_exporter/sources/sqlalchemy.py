@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import threading
 import weakref
-from operator import attrgetter
-from time import perf_counter as _now
 from typing import Any
 
 from sqlalchemy import event, exc
@@ -13,6 +11,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.pool import Pool, QueuePool
 from sqlalchemy.pool import base as _pool_base
 
+from ..hooks import acquire_hook, release_hook
 from ..recorder import Recorder
 from ..redact import from_sqlalchemy_url
 from ..snapshot import PoolSnapshot
@@ -111,11 +110,12 @@ class SQLAlchemySource:
         recorder = self.recorder
         assert recorder is not None
         fast = _FAST and hasattr(type(pool), "_return_conn")
-        if not self._listeners:
-            self._listeners = _listeners(recorder, fast)
-        pool.connect = _timed_connect(pool, recorder, fast)  # type: ignore[method-assign]
-        if fast:
-            pool._return_conn = _timed_return(pool, recorder)  # type: ignore[method-assign]
+        connect, returned, listeners = _hooks(pool, recorder, fast)
+        if not self._listeners:  # the first pool's: removing them removes recreate()'s copies too
+            self._listeners = listeners
+        pool.connect = connect  # type: ignore[method-assign]
+        if returned is not None:
+            pool._return_conn = returned  # type: ignore[method-assign]
         for name, fn in self._listeners.items():
             if fn not in getattr(pool.dispatch, name):  # recreate() may have copied it already
                 event.listen(pool, name, fn)
@@ -124,72 +124,22 @@ class SQLAlchemySource:
         self._hooked.add(pool)
 
 
-def _timed_connect(pool: Pool, recorder: Recorder, fast: bool) -> Any:
-    # SQLAlchemy has no "before checkout" event, and the checkout event fires after the wait.
-    # Engine.raw_connection() calls pool.connect() (public API) for every checkout, sync or
-    # async (AsyncAdaptedQueuePool waits inside it via greenlet), so an instance attribute
-    # shadowing Pool.connect sees the whole wait, the pool's TimeoutError included, without
-    # touching the class. Deleting the attribute restores the original method exactly.
-    original = type(pool).connect.__get__(pool)
-    failed = recorder.acquire_failed
-    waiting, queued, waits, out = recorder.waiting, recorder.queued, recorder.waits, recorder.out
-    # A checkout is keyed by its pool record (or the record's info dict, which lives as long):
-    # both the checkout and every way back to the pool name it.
-    record_of = attrgetter("_connection_record" if fast else "info")
+def _hooks(pool: Pool, recorder: Recorder, fast: bool) -> tuple[Any, Any, dict[str, Any]]:
+    """The pool's connect and _return_conn stand-ins (None where not shadowed) and its listeners.
 
-    def connect() -> Any:
-        # Recorder.acquire_started() and .acquired(), inlined: one frame instead of three.
-        started = _now()
-        waiting.append(None)
-        inside = len(out) + len(waiting)
-        if inside > recorder.full_gate:  # the pool is full: this caller queues
-            recorder.queue(inside, started)
-        try:
-            fairy = original()
-        except exc.TimeoutError:
-            failed(started, True)
-            raise
-        except BaseException:
-            failed(started, False)
-            raise
-        now = _now()
-        waiting.pop()
-        if queued:
-            queued.discard(started)
-        waits.append(now - started)
-        held = len(out)
-        out[id(record_of(fairy))] = now if held < recorder.site_gate else recorder.checkout(now)
-        if held >= recorder.out_peak:
-            recorder.out_peak = held + 1
-        return fairy
-
-    return connect
-
-
-def _timed_return(pool: Pool, recorder: Recorder) -> Any:
-    # Every "checkin" event is followed at once by pool._return_conn(record), its only caller.
-    # Shadowing that private method like connect() costs a fraction of the event dispatch,
-    # which alone was ~7% of a bare checkout+checkin (bench/checkout.py).
-    original_return, holds, out = type(pool)._return_conn.__get__(pool), recorder.holds, recorder.out
-
-    def _return_conn(record: Any) -> None:
-        # Recorder.released(), inlined.
-        checkout = out.pop(id(record), None)
-        if checkout.__class__ is float:
-            holds.append(_now() - checkout)
-        elif checkout is not None:
-            recorder.released_checkout(checkout)
-        original_return(record)
-
-    return _return_conn
-
-
-def _listeners(recorder: Recorder, fast: bool) -> dict[str, Any]:
-    released = recorder.released
-
-    def checkin(dbapi_connection: Any, record: Any) -> None:
-        released(id(record if fast else record.info))
-
+    SQLAlchemy has no "before checkout" event, and the checkout event fires after the wait.
+    Engine.raw_connection() calls pool.connect() (public API) for every checkout, sync or async
+    (AsyncAdaptedQueuePool waits inside it via greenlet), so an instance attribute shadowing it sees
+    the whole wait, the pool's TimeoutError included. Every "checkin" event is followed at once by
+    pool._return_conn(record), its only caller; shadowing that private method too costs a fraction
+    of the event dispatch, which alone was ~7% of a bare checkout+checkin (bench/checkout.py).
+    A checkout is keyed by its pool record (or the record's info dict, which lives as long): both
+    the checkout and every way back to the pool name it.
+    """
+    key = "_connection_record" if fast else "info"
+    connect = acquire_hook(type(pool).connect.__get__(pool), recorder, exc.TimeoutError, key=key)
+    returned = release_hook(type(pool)._return_conn.__get__(pool), recorder, params="record") if fast else None
     # A detached connection leaves the pool for good: it is no longer checked out from it.
     # Where _return_conn is shadowed, a checkin listener would count the same return twice.
-    return {"detach": checkin} if fast else {"checkin": checkin, "detach": checkin}
+    released = release_hook(None, recorder, params="dbapi_connection, record", key="" if fast else "info")
+    return connect, returned, {"detach": released} if fast else {"checkin": released, "detach": released}
