@@ -238,16 +238,16 @@ def collect(pages: Iterable[tuple[str, str]]) -> dict[str, Server]:
             if cap:
                 servers[p.server].caps[p.pgbouncer[:2]] = cap
     for name, seen in capacity.items():
-        server = servers.setdefault(name, Server(name))
+        target = servers.setdefault(name, Server(name))
         if "dbpool_server_usable_connections" in seen:
-            server.usable = _whole(seen["dbpool_server_usable_connections"])
+            target.usable = _whole(seen["dbpool_server_usable_connections"])
         elif "dbpool_server_max_connections" in seen:
-            server.usable = _whole(seen["dbpool_server_max_connections"]
+            target.usable = _whole(seen["dbpool_server_max_connections"]
                                    - seen.get("dbpool_server_reserved_connections", 0))
-        server.usable_from = "exporter"
+        target.usable_from = "exporter"
     for address, max_client_conn in bouncers.items():
-        server = servers.setdefault(address, Server(address))
-        server.usable, server.usable_from, server.tier = _whole(max_client_conn), "pgbouncer max_client_conn", PGBOUNCER
+        target = servers.setdefault(address, Server(address))
+        target.usable, target.usable_from, target.tier = _whole(max_client_conn), "pgbouncer max_client_conn", PGBOUNCER
     for row in _sessions(pools, list(bouncer_pools.values()), databases):
         servers[row.name] = row
     return servers

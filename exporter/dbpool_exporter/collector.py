@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Iterator
+from typing import Iterable
 
 from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
@@ -29,7 +29,7 @@ class DbpoolCollector(Collector):
         # call collect() lazily instead of at registration time.
         return []
 
-    def collect(self) -> Iterator[Metric]:
+    def collect(self) -> Iterable[Metric]:
         text = self.text()
         if text is None:
             return iter(self.own())
@@ -56,6 +56,7 @@ class DbpoolCollector(Collector):
             out.gauge(m.SOURCE_LAST_SUCCESS, labels, state.last_success)
             out.counter(m.SOURCE_POLLS, labels, state.polls)
             out.counter(m.SOURCE_ERRORS, labels, state.errors)
-            if state.fresh(now):
-                state.snapshot.emit(name, out)  # type: ignore[union-attr]
+            snapshot = state.snapshot  # read once: the poll thread may swap it meanwhile
+            if snapshot is not None and state.fresh(now):
+                snapshot.emit(name, out)
         return out

@@ -9,7 +9,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
@@ -19,6 +19,7 @@ from .config import Config, ConfigError, ServerConfig
 from .exporter import Exporter
 from .exposition import Exposition, labels_text, render
 from .families import Families
+from .sources.base import Source
 from .sources.postgres import connect_params
 from .web import SourceRow, WebServer
 from .webconfig import WebConfig, WebConfigError
@@ -92,7 +93,7 @@ class Daemon:
         self.exporter = Exporter()
         self.registry = CollectorRegistry(auto_describe=False)
         served = _Served(self)
-        self.registry.register(served)  # type: ignore[arg-type]
+        self.registry.register(served)
         self.reload_ok = True
         self.reload_success_at = time.time()
         self.ready = False
@@ -157,14 +158,14 @@ class Daemon:
         await asyncio.to_thread(self.web.stop)
 
     @staticmethod
-    async def _close(sources: list[object]) -> None:
-        closers = [s.aclose() for s in sources if hasattr(s, "aclose")]  # type: ignore[attr-defined]
+    async def _close(sources: Sequence[Source]) -> None:
+        closers = [s.aclose() for s in sources if hasattr(s, "aclose")]
         if closers:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.gather(*closers, return_exceptions=True), CLOSE_GRACE)
         for source in sources:
             with contextlib.suppress(Exception):
-                source.close()  # type: ignore[attr-defined]  # aborts whatever did not close in time
+                source.close()  # aborts whatever did not close in time
 
     # --- SIGHUP ---------------------------------------------------------------------------------
     def _on_sighup(self) -> None:

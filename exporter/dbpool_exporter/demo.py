@@ -237,6 +237,7 @@ async def _connect(dsn: str) -> tuple[Any, Server]:
     cur = await conn.execute(
         "SELECT current_setting('max_connections')::int, current_setting('superuser_reserved_connections')::int"
         " + coalesce(current_setting('reserved_connections', true)::int, 0)")
+    # fetchone() is Optional in general; a SELECT without FROM returns exactly one row.
     max_connections, reserved = await cur.fetchone()  # type: ignore[misc]
     return conn, Server(dsn, max_connections, max_connections - reserved)
 
@@ -249,7 +250,7 @@ def _sqlalchemy_url(dsn: str) -> Any:
     from psycopg.conninfo import conninfo_to_dict
     from sqlalchemy.engine import URL
 
-    params = conninfo_to_dict(dsn)
+    params = {key: str(value) for key, value in conninfo_to_dict(dsn).items() if value is not None}
     return URL.create("postgresql+asyncpg", username=params.get("user"), password=params.get("password"),
                       host=params.get("host") or "localhost", port=int(params.get("port") or 5432),
                       database=params.get("dbname"))
@@ -261,7 +262,8 @@ async def _pools(dsn: str) -> tuple[Any, Any]:
 
     engine = create_async_engine(_sqlalchemy_url(dsn), **ENGINE_POOL,
                                  connect_args={"server_settings": {"application_name": "dbpool-demo-app"}})
-    pool = AsyncConnectionPool(dsn, **CHECKPOINTER_POOL, open=False,
+    pool = AsyncConnectionPool(dsn, min_size=CHECKPOINTER_POOL["min_size"], max_size=CHECKPOINTER_POOL["max_size"],
+                               timeout=CHECKPOINTER_POOL["timeout"], open=False,
                                kwargs={"application_name": "dbpool-demo-checkpointer", "autocommit": True})
     try:
         await pool.open(wait=True, timeout=10)
@@ -275,7 +277,7 @@ async def _pools(dsn: str) -> tuple[Any, Any]:
 def _register_server_source(exporter: Any, dsn: str) -> bool:
     # The PostgreSQL server source is optional here: the demo works with the pool sources alone.
     try:
-        from .sources.postgres import PostgresSource  # type: ignore[import-not-found]
+        from .sources.postgres import PostgresSource
     except ImportError:
         return False
     try:

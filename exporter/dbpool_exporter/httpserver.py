@@ -14,7 +14,7 @@ import ssl
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import IO, TYPE_CHECKING, Any, Callable, Iterable, cast
 from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer
 
 from .logs import RateLimited
@@ -202,6 +202,8 @@ class _Server(socketserver.ThreadingMixIn, WSGIServer):
     allow_reuse_address = True
     # 64 made the kernel drop SYNs at ~100 concurrent scrapers (1-3 s retransmits); it caps this at somaxconn.
     request_queue_size = 1024
+    # typeshed's Self-typed attribute does not bind to _Server under mypy; the class is always _Handler.
+    RequestHandlerClass: Callable[[Any, Any, _Server], socketserver.BaseRequestHandler]
 
     def __init__(self, address: tuple[Any, ...], family: socket.AddressFamily, app: WSGIApp,
                  handshake_timeout: float, request_timeout: float, max_connections: int) -> None:
@@ -346,6 +348,10 @@ class _ServerHandler(ServerHandler):
     """wsgiref's, minus the version in ``Server`` and the traceback it prints to stderr on any error."""
 
     server_software = SERVER_SOFTWARE
+    # Set by wsgiref at run time, missing from typeshed.
+    headers_sent: bool
+    environ: dict[str, Any]
+    request_handler: WSGIRequestHandler  # what wsgiref's own handle() sets, for logging
 
     def handle_error(self) -> None:
         error = sys.exc_info()[1]
@@ -378,7 +384,7 @@ class _Handler(WSGIRequestHandler):
     server: _Server
 
     def setup(self) -> None:
-        self.timeout = self.server.request_timeout  # a silent client cannot hold its thread forever
+        self.request.settimeout(self.server.request_timeout)  # a silent client cannot hold its thread forever
         super().setup()
 
     def handle(self) -> None:
@@ -391,9 +397,15 @@ class _Handler(WSGIRequestHandler):
         if not self.parse_request():
             return
         self.server.request_started()
-        handler = _ServerHandler(self.rfile, self.wfile, self.get_stderr(), self.get_environ(), multithread=False)
-        handler.request_handler = self  # type: ignore[attr-defined]  # what wsgiref sets for logging
-        handler.run(self.server.get_app())
+        # typeshed says BufferedIOBase for wfile where wsgiref wants IO[bytes]; it is the socket's file object.
+        wfile = cast(IO[bytes], self.wfile)
+        handler = _ServerHandler(self.rfile, wfile, self.get_stderr(), self.get_environ(), multithread=False)
+        handler.request_handler = self
+        app = self.server.get_app()
+        if app is None:  # set_app() runs in _Server.__init__, before any request
+            self.send_error(503)
+            return
+        handler.run(app)
 
     def get_stderr(self) -> Any:
         return _LogStream()
@@ -463,7 +475,7 @@ def _bind_address(host: str, port: int) -> tuple[socket.AddressFamily, tuple[Any
     return family, sockaddr
 
 
-def _url_host(host: str, family: socket.AddressFamily) -> str:
+def _url_host(host: str, family: int) -> str:
     if host in ("", "0.0.0.0"):
         return "127.0.0.1" if host == "0.0.0.0" or family == socket.AF_INET else "localhost"
     if host == "::":

@@ -7,7 +7,7 @@ import logging
 import sys
 import threading
 import time
-from typing import Iterable
+from typing import Iterable, TextIO
 
 from . import redact
 
@@ -47,12 +47,12 @@ class _Formatter(logging.Formatter):
 _handler: logging.Handler | None = None
 
 
-def setup(level: str = "info", fmt: str = "logfmt", stream: object = None) -> None:
+def setup(level: str = "info", fmt: str = "logfmt", stream: TextIO | None = None) -> None:
     """Install (or reconfigure) the daemon's single stderr handler on the root logger."""
     global _handler
     root = logging.getLogger()
     if _handler is None:
-        _handler = logging.StreamHandler(stream or sys.stderr)  # type: ignore[arg-type]
+        _handler = logging.StreamHandler(stream or sys.stderr)
         root.addHandler(_handler)
     _handler.setFormatter(_Formatter(fmt, secrets()))
     root.setLevel(LEVELS[level])

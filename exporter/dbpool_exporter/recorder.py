@@ -254,11 +254,11 @@ class Recorder:
         for c in checkouts:
             site = None
             if c.__class__ is tuple:
-                site = c[1]  # type: ignore[index]
+                site = c[1]
             elif c.__class__ is _Checkout:
-                site = c.site  # type: ignore[union-attr]
-                if site is None and c.stack:  # type: ignore[union-attr]
-                    site = c.site = _sites.first_in(c.stack)  # type: ignore[union-attr]
+                site = c.site
+                if site is None and c.stack:
+                    site = c.site = _sites.first_in(c.stack)
             entry = held.setdefault(_sites.label(site), [0, 0.0]) if site is not None else other
             entry[0] += 1
             entry[1] = max(entry[1], now - _started(c))
@@ -288,9 +288,9 @@ _capture_site = _sites.capture
 
 
 def _started(checkout: float | tuple[float, _sites.Site | None] | _Checkout) -> float:
-    if checkout.__class__ is float:
-        return checkout  # type: ignore[return-value]
-    return checkout[0] if checkout.__class__ is tuple else checkout.started  # type: ignore[index,union-attr]
+    if isinstance(checkout, _Checkout):
+        return checkout.started
+    return checkout[0] if isinstance(checkout, tuple) else checkout
 
 
 def _capture_stack() -> tuple[tuple[CodeType, int], ...]:
@@ -298,7 +298,7 @@ def _capture_stack() -> tuple[tuple[CodeType, int], ...]:
     # and line numbers, which cost a scan of each frame's line table, worked out only when a leak
     # is actually reported.
     frame: FrameType | None = sys._getframe(3)
-    stack = []
+    stack: list[tuple[CodeType, int]] = []
     hops = 0
     while len(stack) < _STACK_DEPTH:
         if frame is None:

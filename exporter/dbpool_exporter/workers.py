@@ -34,7 +34,7 @@ from .metrics import WORKER_UP
 try:
     import fcntl
 except ImportError:  # Windows: no flock; liveness falls back to the file's age alone
-    fcntl = None  # type: ignore[assignment]
+    fcntl = None  # type: ignore[assignment]  # the name is typed as the module; None is checked before each use
 
 log = logging.getLogger("dbpool_exporter.workers")
 
@@ -167,7 +167,7 @@ class WorkerDoc:
 def read_workers(directory: Path, *, exclude: str = "", now: float | None = None) -> list[WorkerDoc]:
     """Every live worker's document; files of dead workers are removed on the way."""
     now = time.time() if now is None else now
-    out = []
+    out: list[WorkerDoc] = []
     try:
         names = os.listdir(directory)
     except OSError:

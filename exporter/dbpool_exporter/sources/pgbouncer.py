@@ -164,8 +164,8 @@ class PgBouncerSnapshot:
                 (m.BOUNCER_DATABASE_DISABLED, db.disabled),
             ):
                 out.gauge(spec, labels, value)
-        for database, metric, value in self.stats:
-            out.counter(m.get(metric), {**me, "database": database}, value)
+        for database, metric, total in self.stats:
+            out.counter(m.get(metric), {**me, "database": database}, total)
         for pool in self.pools:
             pool_name = f"{name}/{pool.database}/{pool.user}"
             pool.view.emit(pool_name, out)
@@ -358,6 +358,7 @@ class PgBouncerSource:
 
     async def _connect(self) -> Any:
         import psycopg
+        from psycopg.conninfo import make_conninfo
         from psycopg.rows import dict_row
 
         if self._conn is not None and not self._conn.closed:
@@ -372,8 +373,8 @@ class PgBouncerSource:
         try:
             # autocommit: otherwise psycopg sends BEGIN first ("invalid command 'BEGIN'", says the console).
             conn = await asyncio.wait_for(
-                psycopg.AsyncConnection.connect(autocommit=True, prepare_threshold=None, row_factory=dict_row,
-                                                **params),
+                psycopg.AsyncConnection.connect(make_conninfo("", **params), autocommit=True,
+                                                prepare_threshold=None, row_factory=dict_row),
                 self.connect_timeout)
             rows = await self._bounded(conn, self._show(conn, "VERSION"), self.connect_timeout)
         except Exception as e:  # refused, timed out, auth, not a PgBouncer: all mean "retry later"

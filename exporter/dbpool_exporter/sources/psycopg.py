@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from psycopg_pool import PoolTimeout
+from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
 from psycopg_pool.base import BasePool
 
 from .. import metrics as m
@@ -38,13 +38,16 @@ class PsycopgPoolSource:
 
     def __init__(self, name: str, pool: Any, *, interval: float = 1.0,
                  recorder: Recorder | None = None) -> None:
-        if not isinstance(pool, BasePool):
+        # The two concrete pools (Null* subclass them), which unlike BasePool have a conninfo.
+        if not isinstance(pool, (ConnectionPool, AsyncConnectionPool)):
             raise TypeError(f"pool {name!r}: expected a psycopg_pool pool, got {type(pool).__name__}")
         self.name = name
         self.interval = interval
         self.pool = pool
         self.recorder = recorder
-        self.server, self.database = from_conninfo(pool.conninfo, getattr(pool, "kwargs", None))
+        # psycopg_pool 3.3 also takes a (maybe async) callable returning the conninfo: not called here.
+        conninfo = pool.conninfo if isinstance(pool.conninfo, str) else ""
+        self.server, self.database = from_conninfo(conninfo, getattr(pool, "kwargs", None))
         if recorder is not None:
             recorder.capacity = pool.max_size
             _install(pool, recorder)

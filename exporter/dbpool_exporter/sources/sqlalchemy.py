@@ -53,7 +53,10 @@ class SQLAlchemySource:
 
     @property
     def pool(self) -> Pool:
-        return self._engine.pool if self._engine is not None else self._pool  # type: ignore[return-value]
+        if self._engine is not None:
+            return self._engine.pool  # read each time: dispose() replaces an engine's pool
+        assert self._pool is not None  # __init__ sets the engine or the pool
+        return self._pool
 
     def poll(self) -> PoolSnapshot:
         pool = self.pool
