@@ -189,7 +189,7 @@ class Recorder:
 
     def released_checkout(self, checkout: _Checkout | tuple[float, _sites.Site | None]) -> None:
         if checkout.__class__ is tuple:
-            self.holds.append(_now() - checkout[0])  # type: ignore[index]
+            self.holds.append(_now() - checkout[0])
             return
         held = _now() - checkout.started  # type: ignore[union-attr]
         self.holds.append(held)
