@@ -378,7 +378,7 @@ def _annotations(config: dict[str, Any]) -> dict[str, tuple[str, str]]:
         "DbpoolAcquireTimeouts": (
             "Acquires from connection pool {{ $labels.pool }} are timing out.",
             # increase() extrapolates to the window's edges (81.28): a count of timeouts is a whole number.
-            "Acquire timeouts of " + _POOL + " in the last 5m: about {{ printf \"%.0f\" $value }}. Requests are "
+            "Acquire timeouts of " + _POOL + " in the last 5m: about {{ $value | printf \"%.0f\" }}. Requests are "
             "failing because no connection became free within the pool's timeout."),
         "DbpoolConnectionLeak": (
             "A connection of pool {{ $labels.pool }} is held far longer than expected.",
