@@ -343,6 +343,12 @@ def _annotations(config: dict[str, Any]) -> dict[str, tuple[str, str]]:
     timeout = _Q(config).m("dbpool_acquire_timeout_seconds", ",".join(f"{k}=%q" for k in keys))
     wait_timeout_q = ("{{ with printf `" + timeout + "` " + " ".join(f"$labels.{k}" for k in keys)
                       + " | query }} ({{ . | first | value | humanizeDuration }}){{ end }}")
+    # histogram_quantile interpolates inside the bucket above the timeout, so a p95 can read 42 s against a
+    # 30 s timeout: say what that means instead of leaving a wait no caller had.
+    past_timeout = ("{{ $wait := $value }}{{ with printf `" + timeout + "` " + " ".join(f"$labels.{k}" for k in keys)
+                    + " | query }}{{ $limit := . | first | value }}{{ if ge $wait $limit }} That is past the pool's "
+                    "{{ $limit | humanizeDuration }} acquire timeout: more than 5% of callers timed out (the estimate "
+                    "is interpolated inside the histogram bucket above the timeout).{{ end }}{{ end }}")
     return {
         "DbpoolPoolUsageHigh": (
             "Connection pool {{ $labels.pool }} is more than " + pct("DbpoolPoolUsageHigh") + " used.",
@@ -368,10 +374,11 @@ def _annotations(config: dict[str, Any]) -> dict[str, tuple[str, str]]:
             "Acquiring a connection from pool {{ $labels.pool }} takes more than "
             + _num(a["DbpoolAcquireWaitSlow"]["threshold"]) + " s.",
             "Callers of " + _POOL + " wait {{ $value | humanizeDuration }} for a connection "
-            "(p95 over 5m, or psycopg's mean wait of queued requests)."),
+            "(p95 over 5m, or psycopg's mean wait of queued requests)." + past_timeout),
         "DbpoolAcquireTimeouts": (
             "Acquires from connection pool {{ $labels.pool }} are timing out.",
-            "Acquire timeouts of " + _POOL + " in the last 5m: {{ $value | humanize }}. Requests are "
+            # increase() extrapolates to the window's edges (81.28): a count of timeouts is a whole number.
+            "Acquire timeouts of " + _POOL + " in the last 5m: about {{ $value | printf \"%.0f\" }}. Requests are "
             "failing because no connection became free within the pool's timeout."),
         "DbpoolConnectionLeak": (
             "A connection of pool {{ $labels.pool }} is held far longer than expected.",
