@@ -1,6 +1,6 @@
-"""``dbpool-exporter budget``: add up every pool's max per server across exporters and flag overcommit.
+"""Connection budget: add up every pool's max per server across exporters and flag overcommit.
 
-With PgBouncer in between there are tiers: app pools against PgBouncer's ``max_client_conn`` (and, in
+With PgBouncer in between there are tiers: app pools against PgBouncer's max_client_conn (and, in
 session mode, against the database's PgBouncer server pools), PgBouncer's server pools against PostgreSQL.
 """
 
