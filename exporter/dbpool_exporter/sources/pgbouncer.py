@@ -16,7 +16,7 @@ from ..families import Families
 from ..metrics import MetricSpec
 from ..redact import parse_dsn, redact, secrets, server_label
 from ..snapshot import PoolSnapshot
-from .postgres import APPLICATION_NAME, OTHER, ServerUnavailable, sanitize
+from .postgres import APPLICATION_NAME, OTHER, ServerUnavailable, sanitize, top_values
 
 T = TypeVar("T")
 ADMIN_DATABASE = "pgbouncer"
@@ -181,12 +181,6 @@ class PgBouncerSnapshot:
             out.gauge(m.BOUNCER_FOLDED, {**me, "label": label}, count)
 
 
-def _top(counts: Mapping[str, float], cap: int) -> set[str]:
-    # Busiest first; ties broken by name so the kept set does not flap between polls.
-    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
-    return {value for value, _ in ranked[:cap]}
-
-
 def _limit(*caps: int) -> int | None:
     real = [c for c in caps if c > 0]
     return min(real) if real else None
@@ -218,7 +212,7 @@ def build_snapshot(pgbouncer: str, *, version: str, pools: Iterable[Mapping[str,
         activity_db[sanitize(str(r["name"]))] += _num(r.get("current_connections"))
     for r in stat_rows:
         activity_db.setdefault(sanitize(str(r["database"])), 0.0)
-    keep_db, keep_user = _top(activity_db, max_label_values), _top(activity_user, max_label_values)
+    keep_db, keep_user = top_values(activity_db, max_label_values), top_values(activity_user, max_label_values)
 
     def db_name(raw: Any) -> str:
         value = sanitize(str(raw))

@@ -9,7 +9,7 @@ import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 from urllib.parse import urlencode
 
 from .. import metrics as m
@@ -140,7 +140,7 @@ class ServerSnapshot:
             out.gauge(m.SERVER_FOLDED, {**server, "label": label}, count)
 
 
-def _top(counts: dict[str, int], cap: int) -> set[str]:
+def top_values(counts: Mapping[str, float], cap: int) -> set[str]:
     # Busiest first; ties broken by name so the kept set does not flap between polls.
     ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
     return {value for value, _ in ranked[:cap]}
@@ -159,7 +159,7 @@ def build_snapshot(server: str, rows: Iterable[Any], capacity: dict[str, int], *
     for _, user, app, _, count, *_ in rows:
         by_user[user] += count
         by_app[app] += count
-    keep_users, keep_apps = _top(by_user, max_label_values), _top(by_app, max_label_values)
+    keep_users, keep_apps = top_values(by_user, max_label_values), top_values(by_app, max_label_values)
 
     connections: dict[tuple[str, str, str, str], int] = defaultdict(int)
     xact: dict[tuple[str, str], float] = defaultdict(float)
