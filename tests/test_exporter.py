@@ -229,15 +229,14 @@ def test_server_source_in_a_threaded_app_closes_its_connection(pg_dsn: str, sync
 
     from dbpool_exporter import PostgresSource
 
-    def exporter_backends() -> int:
+    def alive(pid: int) -> bool:
         with psycopg.connect(pg_dsn) as conn:
-            return conn.execute("select count(*) from pg_stat_activity where application_name = 'dbpool-exporter' "
-                                "and backend_type = 'client backend'").fetchone()[0]
+            return conn.execute("select count(*) from pg_stat_activity where pid = %s", (pid,)).fetchone()[0] == 1
 
-    before = exporter_backends()
     engine = create_engine(sync_url)
+    source = PostgresSource("db", pg_dsn, interval=0.1)
     # No running loop here: a BackgroundScheduler thread, the async source on the private loop.
-    exporter = Exporter().register("app", engine).register("db", PostgresSource("db", pg_dsn, interval=0.1)).start()
+    exporter = Exporter().register("app", engine).register("db", source).start()
     try:
         deadline = time.monotonic() + 10
         while exporter.registry.get_sample_value("dbpool_source_up", {"source": "db", "kind": "postgres"}) != 1:
@@ -245,14 +244,16 @@ def test_server_source_in_a_threaded_app_closes_its_connection(pg_dsn: str, sync
             time.sleep(0.05)
         assert exporter.registry.get_sample_value("dbpool_server_max_connections", {
             "server": _server_of(pg_dsn)}) is not None
-        assert exporter_backends() == before + 1
+        # This source's own backend, by its server PID: other clients of a shared server do not count.
+        pid = source._conn.get_server_pid()  # type: ignore[union-attr]
+        assert alive(pid)
     finally:
         exporter.stop()
         engine.dispose()
     deadline = time.monotonic() + 5
-    while exporter_backends() != before and time.monotonic() < deadline:
+    while alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert exporter_backends() == before
+    assert not alive(pid)
 
 
 def _server_of(dsn: str) -> str:
