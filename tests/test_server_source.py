@@ -259,7 +259,7 @@ def test_reconnects_back_off_and_the_backoff_is_capped() -> None:
     print("connection attempts:", len(accepted), "polls:", len(errors))
     assert 2 <= len(accepted) < 30  # retried, but not on every poll
     assert all("Secret-pw-1" not in e and e.startswith("cannot connect to 127.0.0.1:") for e in errors)
-    assert source._retry_at - time.monotonic() <= 0.2  # capped by backoff_max
+    assert source._backoff.retry_at - time.monotonic() <= 0.2  # capped by backoff_max
 
 
 def test_unprivileged_monitor_counts_hidden_backends_as_unknown(cluster: PgCluster,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-import time
 from collections import defaultdict
 from dataclasses import dataclass
 from decimal import Decimal
@@ -16,7 +15,7 @@ from ..families import Families
 from ..metrics import MetricSpec
 from ..redact import parse_dsn, redact, secrets, server_label
 from ..snapshot import PoolSnapshot
-from .postgres import APPLICATION_NAME, OTHER, ServerUnavailable, sanitize, top_values
+from .postgres import APPLICATION_NAME, OTHER, Backoff, ServerUnavailable, describe, sanitize, top_values
 
 T = TypeVar("T")
 ADMIN_DATABASE = "pgbouncer"
@@ -339,16 +338,10 @@ class PgBouncerSource:
         self._secrets = secrets(dsn, self._params.get("password"))
         self._conn: Any = None  # psycopg.AsyncConnection
         self._version = ""
-        self._failures = 0
-        self._retry_at = 0.0
-        self._connect_error = ""
+        self._backoff = Backoff(interval, backoff_max)
 
     def _redact(self, text: str) -> str:
         return redact(text, self._secrets)
-
-    @staticmethod
-    def _detail(e: BaseException) -> str:
-        return f"{type(e).__name__}: {e}".strip().splitlines()[0] if str(e) else type(e).__name__
 
     async def _connect(self) -> Any:
         import psycopg
@@ -357,9 +350,7 @@ class PgBouncerSource:
 
         if self._conn is not None and not self._conn.closed:
             return self._conn
-        if time.monotonic() < self._retry_at:
-            # Same message as the failure that started the wait, so the poller logs it only once.
-            raise ServerUnavailable(self._connect_error)
+        self._backoff.check()
         params = {**self._params, "application_name": APPLICATION_NAME,
                   # libpq rounds below 2 s up to 2; the asyncio bound below is the exact one.
                   "connect_timeout": str(max(2, round(self.connect_timeout)))}
@@ -374,19 +365,13 @@ class PgBouncerSource:
         except Exception as e:  # refused, timed out, auth, not a PgBouncer: all mean "retry later"
             if conn is not None:
                 conn.pgconn.finish()
-            self._failures += 1
-            delay = self.interval * 2 ** min(self._failures - 1, 32)
-            self._retry_at = time.monotonic() + min(self.backoff_max, delay)
-            if isinstance(e, asyncio.TimeoutError):
-                detail = f"no reply within {self.connect_timeout:g} s (connect_timeout)"
-            else:
-                detail = self._detail(e)
-            self._connect_error = self._redact(f"cannot connect to PgBouncer {self.pgbouncer}: {detail}")
-            raise ServerUnavailable(self._connect_error) from None
+            detail = describe(e, f"no reply within {self.connect_timeout:g} s (connect_timeout)")
+            message = self._redact(f"cannot connect to PgBouncer {self.pgbouncer}: {detail}")
+            raise self._backoff.failed(message) from None
         match = _VERSION.search(str(rows[0]["version"])) if rows else None
         self._version = match.group(1) if match else ""
         self._conn = conn
-        self._failures, self._retry_at, self._connect_error = 0, 0.0, ""
+        self._backoff.succeeded()
         return conn
 
     @staticmethod
@@ -426,10 +411,7 @@ class PgBouncerSource:
             rows = await self._bounded(conn, self._read(conn), self.statement_timeout)
         except Exception as e:
             self._drop()
-            if isinstance(e, asyncio.TimeoutError):
-                detail = f"no reply within {self.statement_timeout:g} s (statement_timeout)"
-            else:
-                detail = self._detail(e)
+            detail = describe(e, f"no reply within {self.statement_timeout:g} s (statement_timeout)")
             raise ServerUnavailable(self._redact(f"SHOW failed on PgBouncer {self.pgbouncer}: {detail}")) from None
         return build_snapshot(self.pgbouncer, version=self._version, pools=rows["POOLS"],
                               databases=rows["DATABASES"], stats=rows["STATS"], config=rows["CONFIG"],

@@ -99,6 +99,38 @@ class ServerUnavailable(Exception):
     """Raised while the source is waiting to reconnect; carries the last connect error, unchanged."""
 
 
+def describe(e: BaseException, timeout: str) -> str:
+    """One line for a failed connect or query: ``timeout`` for an asyncio timeout, else the error's first line."""
+    if isinstance(e, asyncio.TimeoutError):
+        return timeout
+    return f"{type(e).__name__}: {e}".strip().splitlines()[0] if str(e) else type(e).__name__
+
+
+class Backoff:
+    """After a failed connect, wait ``interval``, then twice that, ... up to ``cap`` before the next attempt.
+
+    While waiting, polls fail with the message of the failure that started the wait, so the poller logs it once.
+    """
+
+    def __init__(self, interval: float, cap: float) -> None:
+        self.interval, self.cap = interval, cap
+        self.failures, self.retry_at, self.error = 0, 0.0, ""
+
+    def check(self) -> None:
+        if time.monotonic() < self.retry_at:
+            raise ServerUnavailable(self.error)
+
+    def failed(self, message: str) -> ServerUnavailable:
+        self.failures += 1
+        # Exponent capped: a server down for days must not overflow the float.
+        delay = self.interval * 2 ** min(self.failures - 1, 32)
+        self.retry_at, self.error = time.monotonic() + min(self.cap, delay), message
+        return ServerUnavailable(message)
+
+    def succeeded(self) -> None:
+        self.failures, self.retry_at, self.error = 0, 0.0, ""
+
+
 @dataclass(frozen=True, slots=True)
 class ServerSnapshot:
     """One server at one instant: capacity, client backends by labels, transaction ages, lock waiters."""
@@ -226,9 +258,7 @@ class PostgresSource:
         self._conn: asyncpg.Connection | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._capacity: dict[str, int] = {}
-        self._failures = 0
-        self._retry_at = 0.0
-        self._connect_error = ""
+        self._backoff = Backoff(interval, backoff_max)
         self._connecting: asyncio.Task[tuple[asyncpg.Connection, list[Any]]] | None = None
         self._closed = False
 
@@ -240,9 +270,7 @@ class PostgresSource:
             return self._conn
         attempt = self._connecting
         if attempt is None:
-            if time.monotonic() < self._retry_at:
-                # Same message as the failure that started the wait, so the poller logs it only once.
-                raise ServerUnavailable(self._connect_error)
+            self._backoff.check()
             attempt = self._connecting = asyncio.get_running_loop().create_task(self._open())
             attempt.add_done_callback(_retrieve)
         # A connect that gets no answer in connect_timeout fails this poll but is not abandoned: while
@@ -251,29 +279,21 @@ class PostgresSource:
         # waiting on the same one leaves at most one. It gives up for good after CONNECT_ATTEMPT_MAX.
         done, _ = await asyncio.wait({attempt}, timeout=self.connect_timeout)
         if not done:
-            self._connect_error = self._redact(
+            self._backoff.error = self._redact(
                 f"cannot connect to {self.server}: no reply within {self.connect_timeout:g} s (connect_timeout)")
-            raise ServerUnavailable(self._connect_error)
+            raise ServerUnavailable(self._backoff.error)
         self._connecting = None
         try:
             conn, rows = attempt.result()
         except Exception as e:  # refused, timed out, auth, TLS, "starting up": all mean "retry later"
-            self._failures += 1
-            # Exponent capped: a server down for days must not overflow the float.
-            delay = self.interval * 2 ** min(self._failures - 1, 32)
-            self._retry_at = time.monotonic() + min(self.backoff_max, delay)
-            if isinstance(e, asyncio.TimeoutError):
-                detail = f"no reply within {self.connect_timeout:g} s (connect_timeout)"
-            else:
-                detail = f"{type(e).__name__}: {e}".strip().splitlines()[0] if str(e) else type(e).__name__
-            self._connect_error = self._redact(f"cannot connect to {self.server}: {detail}")
-            raise ServerUnavailable(self._connect_error) from None
+            detail = describe(e, f"no reply within {self.connect_timeout:g} s (connect_timeout)")
+            raise self._backoff.failed(self._redact(f"cannot connect to {self.server}: {detail}")) from None
         if self._closed:  # closed while the attempt was under way
             conn.terminate()
             raise ServerUnavailable(f"source {self.name} is closed")
         self._conn, self._loop = conn, asyncio.get_running_loop()
         self._capacity = {r["name"]: r["value"] for r in rows}
-        self._failures, self._retry_at, self._connect_error = 0, 0.0, ""
+        self._backoff.succeeded()
         return conn
 
     async def _open(self) -> tuple[asyncpg.Connection, list[Any]]:
@@ -316,10 +336,7 @@ class PostgresSource:
         except Exception as e:
             # Anything else may leave the connection mid-protocol: drop it, reconnect next poll.
             self._drop()
-            if isinstance(e, asyncio.TimeoutError):
-                detail = f"no reply within {self._client_timeout:g} s (client-side timeout)"
-            else:
-                detail = f"{type(e).__name__}: {e}".strip().splitlines()[0] if str(e) else type(e).__name__
+            detail = describe(e, f"no reply within {self._client_timeout:g} s (client-side timeout)")
             raise ServerUnavailable(self._redact(f"query failed on {self.server}: {detail}")) from None
         return build_snapshot(self.server, rows, self._capacity, max_label_values=self.max_label_values)
 
