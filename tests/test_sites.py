@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import threading
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 from psycopg_pool import ConnectionPool
-from sqlalchemy import create_engine, exc
+from sqlalchemy import Engine, create_engine, exc
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
@@ -29,6 +30,22 @@ def sites(exporter: Exporter, kind: str = "sqlalchemy") -> dict[str, float]:
     return {s.labels["site"]: s.value for m in exporter.registry.collect() for s in m.samples
             if s.name == "dbpool_site_checked_out_connections" and s.labels["pool"] == "app"
             and s.labels["kind"] == kind}
+
+
+@contextlib.contextmanager
+def watched(url: str, *, register: dict[str, Any] | None = None,
+            **engine_kw: Any) -> Iterator[tuple[Engine, Exporter, list[Any]]]:
+    """An engine watched as "app"; connections the test appends to ``held`` are closed afterwards."""
+    engine = create_engine(url, **engine_kw)
+    exporter = Exporter().register("app", engine, **(register or {}))
+    held: list[Any] = []
+    try:
+        yield engine, exporter, held
+    finally:
+        for conn in held:
+            conn.close()
+        exporter.stop()
+        engine.dispose()
 
 
 def line_of(fn: Any, marker: str) -> int:
@@ -55,9 +72,7 @@ async def aget_db(engine: Any) -> Any:
 
 
 def test_oldest_waiter_age_grows_while_a_caller_waits_and_drops_to_zero(sync_url: str) -> None:
-    engine = create_engine(sync_url, pool_size=1, max_overflow=0, pool_timeout=10)
-    exporter = Exporter().register("app", engine)
-    try:
+    with watched(sync_url, pool_size=1, max_overflow=0, pool_timeout=10) as (engine, exporter, held):
         holder = engine.connect()
         exporter.poll_now()
         assert sample(exporter, "dbpool_oldest_pending_acquire_age_seconds") == 0
@@ -82,31 +97,20 @@ def test_oldest_waiter_age_grows_while_a_caller_waits_and_drops_to_zero(sync_url
         thread.join(5)
         exporter.poll_now()
         assert sample(exporter, "dbpool_oldest_pending_acquire_age_seconds") == 0
-    finally:
-        exporter.stop()
-        engine.dispose()
 
 
 def test_a_timed_out_waiter_leaves_no_age_behind(sync_url: str) -> None:
-    engine = create_engine(sync_url, pool_size=1, max_overflow=0, pool_timeout=0.3)
-    exporter = Exporter().register("app", engine)
-    try:
-        with engine.connect():
-            with pytest.raises(exc.TimeoutError):
-                engine.connect()
-            exporter.poll_now()
-            assert sample(exporter, "dbpool_oldest_pending_acquire_age_seconds") == 0
-            assert sample(exporter, "dbpool_acquire_timeouts_total") == 1
-    finally:
-        exporter.stop()
-        engine.dispose()
+    with watched(sync_url, pool_size=1, max_overflow=0, pool_timeout=0.3) as (engine, exporter, _), \
+            engine.connect():
+        with pytest.raises(exc.TimeoutError):
+            engine.connect()
+        exporter.poll_now()
+        assert sample(exporter, "dbpool_oldest_pending_acquire_age_seconds") == 0
+        assert sample(exporter, "dbpool_acquire_timeouts_total") == 1
 
 
 def test_a_busy_pool_names_the_code_that_holds_its_connections(sync_url: str) -> None:
-    engine = create_engine(sync_url, pool_size=6, max_overflow=0)
-    exporter = Exporter().register("app", engine)
-    held = []
-    try:
+    with watched(sync_url, pool_size=6, max_overflow=0) as (engine, exporter, held):
         exporter.poll_now()  # learns the pool's limit: sites are captured from half use on
         held += [quiet(engine) for _ in range(3)]  # a quiet pool: no site captured
         held += [get_db(engine) for _ in range(2)]
@@ -121,36 +125,20 @@ def test_a_busy_pool_names_the_code_that_holds_its_connections(sync_url: str) ->
         for conn in held[3:]:
             conn.close()
         assert sites(exporter) == {"other": 3}
-    finally:
-        for conn in held:
-            conn.close()
-        exporter.stop()
-        engine.dispose()
 
 
 def test_only_the_top_sites_are_named_the_rest_count_as_other(sync_url: str) -> None:
-    engine = create_engine(sync_url, pool_size=2, max_overflow=4)
-    exporter = Exporter().register("app", engine, sites=1)
-    held = []
-    try:
+    with watched(sync_url, register=dict(sites=1), pool_size=2, max_overflow=4) as (engine, exporter, held):
         exporter.poll_now()
         held += [quiet(engine) for _ in range(3)]  # held 0, 1, 2: only the last one is captured
         held += [get_db(engine) for _ in range(2)]
         held.append(other(engine))
         found = sites(exporter)
         assert found == {f"get_db ({HERE}:{line_of(get_db, '# checkout')})": 2, "other": 4}
-    finally:
-        for conn in held:
-            conn.close()
-        exporter.stop()
-        engine.dispose()
 
 
 def test_a_long_holder_turns_capture_on_in_a_quiet_pool(sync_url: str) -> None:
-    engine = create_engine(sync_url, pool_size=10, max_overflow=0)
-    exporter = Exporter().register("app", engine)
-    held = []
-    try:
+    with watched(sync_url, pool_size=10, max_overflow=0) as (engine, exporter, held):
         exporter.poll_now()
         held.append(quiet(engine))
         recorder = exporter.poller.states["app"].source.recorder  # type: ignore[attr-defined]
@@ -159,23 +147,13 @@ def test_a_long_holder_turns_capture_on_in_a_quiet_pool(sync_url: str) -> None:
         exporter.poll_now()  # one connection held past site_age: capture every checkout
         held.append(get_db(engine))
         assert sites(exporter) == {f"get_db ({HERE}:{line_of(get_db, '# checkout')})": 1, "other": 1}
-    finally:
-        for conn in held:
-            conn.close()
-        exporter.stop()
-        engine.dispose()
 
 
 def test_sites_zero_turns_attribution_off(sync_url: str) -> None:
-    engine = create_engine(sync_url, pool_size=2, max_overflow=0)
-    exporter = Exporter().register("app", engine, sites=0)
-    try:
+    with watched(sync_url, register=dict(sites=0), pool_size=2, max_overflow=0) as (engine, exporter, held):
         exporter.poll_now()
         with engine.connect(), engine.connect():
             assert sites(exporter) == {}
-    finally:
-        exporter.stop()
-        engine.dispose()
 
 
 def test_async_engine_sites_follow_the_greenlet_to_the_coroutine(async_url: str) -> None:
@@ -216,24 +194,13 @@ def test_psycopg_pool_sites(pg_dsn: str) -> None:
 
 
 def test_with_leak_detection_the_site_comes_from_the_reported_stack(sync_url: str) -> None:
-    engine = create_engine(sync_url, pool_size=4, max_overflow=0)
-    exporter = Exporter().register("app", engine, leak_threshold=600)
-    held = []
-    try:
+    with watched(sync_url, register=dict(leak_threshold=600), pool_size=4, max_overflow=0) as (engine, exporter, held):
         held.append(get_db(engine))  # leak detection captures every checkout, quiet pool or not
         assert sites(exporter) == {f"get_db ({HERE}:{line_of(get_db, '# checkout')})": 1, "other": 0}
-    finally:
-        for conn in held:
-            conn.close()
-        exporter.stop()
-        engine.dispose()
 
 
 def test_an_unbounded_pool_names_long_holders(sync_url: str) -> None:
-    engine = create_engine(sync_url, poolclass=NullPool)
-    exporter = Exporter().register("app", engine)
-    held = []
-    try:
+    with watched(sync_url, poolclass=NullPool) as (engine, exporter, held):
         exporter.poll_now()
         held.append(quiet(engine))  # no limit, so no "half used": only age turns capture on
         recorder = exporter.poller.states["app"].source.recorder  # type: ignore[attr-defined]
@@ -242,11 +209,6 @@ def test_an_unbounded_pool_names_long_holders(sync_url: str) -> None:
         exporter.poll_now()
         held.append(get_db(engine))
         assert sites(exporter) == {f"get_db ({HERE}:{line_of(get_db, '# checkout')})": 1, "other": 1}
-    finally:
-        for conn in held:
-            conn.close()
-        exporter.stop()
-        engine.dispose()
 
 
 def test_psycopg_waiter_age(pg_dsn: str) -> None:
