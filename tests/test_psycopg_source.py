@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import weakref
 
+import psycopg
 from prometheus_client import generate_latest
 from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
 
@@ -151,3 +153,36 @@ def test_info_has_server_and_database_but_never_the_password(pg_dsn: str) -> Non
         assert "s3cr3t-pw" not in generate_latest(exporter.registry).decode()
     finally:
         exporter.stop()
+
+
+def test_a_connection_dropped_without_putconn_is_freed_yet_still_counted_out(pg_dsn: str) -> None:
+    # The hooks key checkouts by the connection object (cheaper than id()); that key must not keep a
+    # leaked connection, and its server session, alive: the application lost it, the pool lost the slot.
+    pool = ConnectionPool(pg_dsn, min_size=1, max_size=3, open=True, kwargs={"application_name": "dbpool-dropped"})
+    pool.wait()
+    exporter = Exporter().register("ck", pool)
+    watcher = psycopg.connect(pg_dsn, autocommit=True)
+    try:
+        kept = pool.getconn()
+        dropped = pool.getconn()
+        backend = dropped.info.backend_pid
+        alive = weakref.ref(dropped)
+        del dropped
+        assert value(exporter, "dbpool_connections", state="checked_out") == 2
+        assert alive() is None, "the exporter kept a dropped connection alive"
+        deadline = time.monotonic() + 10
+        while watcher.execute("select 1 from pg_stat_activity where pid = %s", [backend]).fetchone():
+            assert time.monotonic() < deadline, "the dropped connection's server session stayed open"
+            time.sleep(0.05)
+        # Still out: psycopg_pool never gets that slot back, so the leak stays visible.
+        time.sleep(0.05)
+        assert value(exporter, "dbpool_connections", state="checked_out") == 2
+        assert value(exporter, "dbpool_oldest_checkout_age_seconds") >= 0.05
+        # A connection still held is left as it is, and its return is timed as usual.
+        pool.putconn(kept)
+        assert value(exporter, "dbpool_connection_hold_seconds_count") == 1
+        assert value(exporter, "dbpool_connections", state="checked_out") == 1
+    finally:
+        watcher.close()
+        exporter.stop()
+        pool.close()

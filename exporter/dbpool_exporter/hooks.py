@@ -49,9 +49,9 @@ def factory(original, recorder, timeout_error):
         waits.append(now - started)
         held = len(out)
         if held < recorder.acquired_gate:
-            out[id(conn{key})] = now
+            out[{conn_key}] = now
         else:  # a new peak since the last poll, or a pool busy enough to name its holders
-            out[id(conn{key})] = acquired(held, now)
+            out[{conn_key}] = acquired(held, now)
         return conn
 
     return acquire
@@ -62,7 +62,7 @@ def factory(original, recorder):
     holds, out, released = recorder.holds, recorder.out, recorder.released_checkout
 
     {async_}def release({params}):
-        checkout = out.pop(id({last}{key}), None)
+        checkout = out.pop({last_key}, None)
         if checkout.__class__ is float:
             holds.append(_now() - checkout)
         elif checkout is not None:
@@ -74,29 +74,32 @@ def factory(original, recorder):
 
 
 def acquire_hook(original: Callable[..., Any], recorder: Recorder, timeout_error: type[BaseException], *,
-                 is_async: bool = False, params: str = "", key: str = "") -> Callable[..., Any]:
+                 is_async: bool = False, params: str = "", key: str = "", by_object: bool = False,
+                 ) -> Callable[..., Any]:
     """A stand-in for ``original`` (a bound acquire method) that times every acquire.
 
     ``params``: the method's parameters, passed on as they came (``"timeout=None"``); ``key``: the
     attribute of what it returns that names the checkout the release will name too ("" for itself).
-    ``timeout_error`` is the pool's own, counted apart from other failures.
+    ``timeout_error`` is the pool's own, counted apart from other failures. ``by_object``: key the
+    checkout by that object itself rather than its ``id()``; see ``Recorder.unpin``.
     """
-    factory = _render(_ACQUIRE, _ACQUIRE_LINE, is_async, params, key)
+    factory = _render(_ACQUIRE, _ACQUIRE_LINE, is_async, params, key, by_object=by_object)
     return factory(original, recorder, timeout_error)
 
 
 def release_hook(original: Callable[..., Any] | None, recorder: Recorder, *, is_async: bool = False,
-                 params: str = "conn", key: str = "") -> Callable[..., Any]:
+                 params: str = "conn", key: str = "", by_object: bool = False) -> Callable[..., Any]:
     """A stand-in for ``original`` (a bound release method) that ends the checkout its last parameter names.
 
     ``original=None`` makes an event listener, which has nothing to pass the release on to.
     """
-    factory = _render(_RELEASE, _RELEASE_LINE, is_async, params, key, original is not None)
+    factory = _render(_RELEASE, _RELEASE_LINE, is_async, params, key, original is not None, by_object)
     return factory(original, recorder)
 
 
 @cache
-def _render(template: str, line: int, is_async: bool, params: str, key: str, pass_on: bool = True) -> Any:
+def _render(template: str, line: int, is_async: bool, params: str, key: str, pass_on: bool = True,
+            by_object: bool = False) -> Any:
     if key and not key.isidentifier():
         raise ValueError(f"hook key must be an attribute name, got {key!r}")
     names = [p.split("=", 1)[0].strip() for p in params.split(",") if p.strip()]
@@ -104,8 +107,13 @@ def _render(template: str, line: int, is_async: bool, params: str, key: str, pas
         raise ValueError(f"hook parameters must be names with defaults, got {params!r}")
     await_ = "await " if is_async else ""
     args = ", ".join(names)
+
+    def checkout_key(name: str) -> str:
+        named = f"{name}.{key}" if key else name
+        return named if by_object else f"id({named})"
+
     source = template.format(async_="async " if is_async else "", await_=await_, params=params, args=args,
-                             key=f".{key}" if key else "", last=names[-1] if names else "",
+                             conn_key=checkout_key("conn"), last_key=checkout_key(names[-1] if names else ""),
                              pass_on=f"{await_}original({args})" if pass_on else "pass")
     namespace: dict[str, Any] = {}
     # Blank lines first, so the rendered code's line numbers are the template's in this file.

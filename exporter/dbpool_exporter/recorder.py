@@ -113,8 +113,9 @@ class Recorder:
         self._capacity: float = float("inf")
         self.timeouts: deque[None] = deque()  # a deque's length is an atomic counter
         # Checkout start times; (start, site) while sites are captured; _Checkout records when
-        # leak detection is on.
-        self.out: dict[int, float | tuple[float, _sites.Site | None] | _Checkout] = {}
+        # leak detection is on. Keyed by id(connection), or by the connection itself where the
+        # hooks say by_object (see unpin()).
+        self.out: dict[object, float | tuple[float, _sites.Site | None] | _Checkout] = {}
         self.out_peak = 0
         self.waiting_peak = 0
         # capacity + waiting_peak: a caller entering acquire raises the peak when len(out) +
@@ -202,6 +203,7 @@ class Recorder:
         """Drain raw events into histograms and return the event-level snapshot fields."""
         self._wait_hist.drain(self.waits)
         self._hold_hist.drain(self.holds)
+        self.unpin()
         now_mono = time.monotonic()
         now = time.perf_counter()
         out_now = len(self.out)
@@ -232,6 +234,22 @@ class Recorder:
             "leaks": self.leaks if self.leak_threshold is not None else None,
             "sites": self._top_sites(checkouts, now) if self.sites else None,
         }
+
+    def unpin(self) -> None:
+        """Let go of connections the application dropped without returning them.
+
+        Hooks made with ``by_object`` key ``out`` by the connection itself: cheaper than ``id()``
+        on the hot path (no int is made) and never confused by a reused id. But a key is a
+        reference, and a leaked connection must still be freed, and its server session closed,
+        as it would be without us. So once ``out`` holds the only reference left, the record moves
+        to a key of its own: it still counts as out, since the pool never got that slot back.
+        """
+        keys = [key for key in self.out if key.__class__ is not int]
+        for key, refs in zip(keys, _references(keys), strict=True):
+            if refs <= _UNREFERENCED:
+                checkout = self.out.pop(key, None)
+                if checkout is not None:
+                    self.out[object()] = checkout
 
     def _open_site_gate(self, oldest: float) -> None:
         if self.leak_threshold is not None or (self.sites and oldest > self.site_age):
@@ -285,6 +303,23 @@ class Recorder:
 
 
 _capture_site = _sites.capture
+
+
+def _references(keys: list[object]) -> list[int]:
+    return [sys.getrefcount(key) for key in keys]
+
+
+def _unreferenced() -> int:
+    """What ``_references()`` counts for a key of a dict that nothing else refers to, as unpin() calls it.
+
+    Measured rather than assumed: the count includes the interpreter's own temporary references,
+    which differ between Python versions.
+    """
+    probe = {object(): None}
+    return _references([key for key in probe])[0]
+
+
+_UNREFERENCED = _unreferenced()
 
 
 def _started(checkout: float | tuple[float, _sites.Site | None] | _Checkout) -> float:

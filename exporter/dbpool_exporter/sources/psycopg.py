@@ -93,5 +93,5 @@ def _install(pool: BasePool, recorder: Recorder) -> None:
     cls = type(pool)
     is_async = inspect.iscoroutinefunction(cls.getconn)  # type: ignore[attr-defined]
     pool.getconn = acquire_hook(cls.getconn.__get__(pool), recorder, PoolTimeout,  # type: ignore[attr-defined]
-                                is_async=is_async, params="timeout=None")
-    pool.putconn = release_hook(cls.putconn.__get__(pool), recorder, is_async=is_async)  # type: ignore[attr-defined]
+                                is_async=is_async, params="timeout=None", by_object=True)
+    pool.putconn = release_hook(cls.putconn.__get__(pool), recorder, is_async=is_async, by_object=True)  # type: ignore[attr-defined]
