@@ -45,6 +45,12 @@ CONFIG: dict[str, Any] = {
         # breaks the steady rise).
         "DbpoolPoolExhaustionForecast": {"severity": "warning", "horizon": "30m", "window": "10m",
                                          "step": 0.03, "step_window": "3m", "for": "1m"},
+        # The same shape in minutes, for a leak that shows up late, the pool already `threshold` used:
+        # the forecast needs 6 minutes of rise, more than such a pool has left (the incident: 2/3 used,
+        # one more held every 15 s, full in 5 minutes). Two rising spans keep a one-off step quiet; a
+        # checkout held past `age` seconds (a leak's, not a request's) keeps a pool warming up quiet.
+        "DbpoolPoolExhaustionImminent": {"severity": "critical", "threshold": 0.7, "horizon": "10m", "window": "2m",
+                                         "step": 0.03, "step_window": "1m", "age": 60, "for": "0s"},
         # Seconds: p95 of dbpool_acquire_wait_seconds over 5m, or psycopg's mean wait of queued requests.
         "DbpoolAcquireWaitSlow": {"severity": "warning", "threshold": 5, "for": "2m"},
         # Acquire timeouts within 5m above this count.
@@ -239,10 +245,20 @@ def _alert_exprs(config: dict[str, Any]) -> dict[str, str]:
     overcommit = a["DbpoolPoolOvercommit"]["threshold"]
     usable = "dbpool:server_usable_connections:max"
     leak = a["DbpoolConnectionLeak"]
-    fc = a["DbpoolPoolExhaustionForecast"]
-    floor, on = "dbpool:pool_checked_out:min_1m", f"on ({q.pool_keys})"
-    step = f"clamp_min({_num(fc['step'])} * {q.m('dbpool_max_connections')}, 2)"
-    sw = fc["step_window"]
+    floor, on, limit = "dbpool:pool_checked_out:min_1m", f"on ({q.pool_keys})", q.m("dbpool_max_connections")
+
+    def forecast(name: str) -> str:
+        """The checked-out floor forecast `horizon` ahead, where it reaches the limit after two rising spans."""
+        fc = a[name]
+        step, sw = f"clamp_min({_num(fc['step'])} * {limit}, 2)", fc["step_window"]
+        used = f"and {on}\n{floor} >= {on} {t(name)} * {limit}\n" if "threshold" in fc else ""
+        if "age" in fc:
+            used += f"and {on}\n{q.m('dbpool_oldest_checkout_age_seconds')} > {_num(fc['age'])}\n"
+        return (f"predict_linear({floor}[{fc['window']}], {_seconds(fc['horizon'])})\n"
+                f">= {on}\n({limit} > 0)\n{used}"
+                f"and {on}\n({floor} - {floor} offset {sw}) >= {on} {step}\n"
+                f"and {on}\n({floor} offset {sw} - {floor} offset {_double(sw)}) >= {on} {step}")
+
     return {
         "DbpoolPoolUsageHigh": f"dbpool:pool_usage:ratio > {t('DbpoolPoolUsageHigh')}",
         "DbpoolPoolExhausted":
@@ -257,11 +273,8 @@ def _alert_exprs(config: dict[str, Any]) -> dict[str, str]:
             f"{_num(a['DbpoolAcquireWaitNearTimeout']['threshold'])} * "
             f"({q.m('dbpool_acquire_timeout_seconds')} > 0)",
         # Value: the checked-out floor forecast `horizon` ahead.
-        "DbpoolPoolExhaustionForecast":
-            f"predict_linear({floor}[{fc['window']}], {_seconds(fc['horizon'])})\n"
-            f">= {on}\n({q.m('dbpool_max_connections')} > 0)\n"
-            f"and {on}\n({floor} - {floor} offset {sw}) >= {on} {step}\n"
-            f"and {on}\n({floor} offset {sw} - {floor} offset {_double(sw)}) >= {on} {step}",
+        "DbpoolPoolExhaustionForecast": forecast("DbpoolPoolExhaustionForecast"),
+        "DbpoolPoolExhaustionImminent": forecast("DbpoolPoolExhaustionImminent"),
         "DbpoolAcquireTimeouts":
             f"increase({q.m('dbpool_acquire_timeouts_total')}[5m]) > {t('DbpoolAcquireTimeouts')}",
         # Two signals, labelled so both can be pending at once and the description can tell them apart.
@@ -326,7 +339,7 @@ def _top_site(q: _Q) -> str:
 def _annotations(config: dict[str, Any]) -> dict[str, tuple[str, str]]:
     a = config["alerts"]
     top = _top_site(_Q(config))
-    fc = a["DbpoolPoolExhaustionForecast"]
+    fc, im = a["DbpoolPoolExhaustionForecast"], a["DbpoolPoolExhaustionImminent"]
 
     def pct(name: str) -> str:
         return f"{a[name]['threshold'] * 100:g}%"
@@ -370,6 +383,13 @@ def _annotations(config: dict[str, Any]) -> dict[str, tuple[str, str]]:
             + fc["step_window"] + " and, at the trend of the last " + fc["window"] + ", reaches the pool's "
             "limit within " + fc["horizon"] + " (forecast: {{ $value | humanize }}). Steady growth that "
             "bursts do not explain is how a connection leak looks." + top),
+        "DbpoolPoolExhaustionImminent": (
+            "Connection pool {{ $labels.pool }} will run out of connections within minutes.",
+            _POOL_CAP + " has more than " + pct("DbpoolPoolExhaustionImminent") + " of its connections out, one "
+            "held for over " + _num(im["age"]) + " s, and more every minute: their 1m floor grew in each of the "
+            "last two " + im["step_window"] + " and, at the trend of the last " + im["window"] + ", reaches the "
+            "pool's limit within " + im["horizon"] + " (forecast: {{ $value | humanize }}). Callers will then "
+            "wait, and fail at the pool's acquire timeout." + top),
         "DbpoolAcquireWaitSlow": (
             "Acquiring a connection from pool {{ $labels.pool }} takes more than "
             + _num(a["DbpoolAcquireWaitSlow"]["threshold"]) + " s.",

@@ -20,15 +20,16 @@ UNIT_TESTS = sorted((ALERTS / "tests").glob("*.yml"))
 RUNBOOK = ROOT / "docs" / "runbook.md"
 NAMES = {
     "DbpoolPoolUsageHigh": "warning", "DbpoolPoolExhausted": "critical", "DbpoolAcquireWaitNearTimeout": "critical",
-    "DbpoolPoolExhaustionForecast": "warning", "DbpoolAcquireWaitSlow": "warning",
+    "DbpoolPoolExhaustionForecast": "warning", "DbpoolPoolExhaustionImminent": "critical",
+    "DbpoolAcquireWaitSlow": "warning",
     "DbpoolAcquireTimeouts": "critical", "DbpoolConnectionLeak": "warning", "DbpoolServerConnectionsHigh": "warning",
     "DbpoolIdleInTransaction": "warning", "DbpoolPoolOvercommit": "warning", "DbpoolSourceDown": "warning",
     "DbpoolExporterDown": "critical", "DbpoolPgBouncerClientConnectionsHigh": "warning",
     "DbpoolPgBouncerClientOvercommit": "warning", "DbpoolPgBouncerPoolSaturated": "critical",
 }
-# Fires on the first evaluation that sees a caller past its share of the pool timeout: a `for:`
-# would let the timeout run out first.
-NO_FOR = {"DbpoolAcquireWaitNearTimeout"}
+# Fire on the first evaluation that sees a caller past its share of the pool timeout, or two rising
+# minutes of a pool that has about three left: a `for:` would let the pool run out first.
+NO_FOR = {"DbpoolAcquireWaitNearTimeout", "DbpoolPoolExhaustionImminent"}
 
 
 def _load_generator() -> ModuleType:
