@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-if __package__ in (None, ""):  # run as a script: make `dashboards` importable as a package
+if __package__ in (None, ""):  # run as a script: make `dashboards` and `scripts` importable
     sys.path.insert(0, str(HERE.parent))
 
 from dashboards import overview, server  # noqa: E402
 from dashboards.common import finish, queries  # noqa: E402
-from dbpool_exporter.generated import write_or_check  # noqa: E402
+from scripts.generated import write_or_check  # noqa: E402
 
 DASHBOARDS = {"dbpool-overview.json": overview, "dbpool-server.json": server}
 

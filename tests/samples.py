@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
+
+if TYPE_CHECKING:
+    from dbpool_exporter import Exporter
 
 
 def sample_value(source: Any, name: str, /, **labels: str) -> float | None:
@@ -13,7 +16,7 @@ def sample_value(source: Any, name: str, /, **labels: str) -> float | None:
 
     ``source`` is exposition text, a registry or something holding one (an Exporter; collected now), or metric
     families. Labels left out match anything, so several matching samples fail the test rather than one of them
-    being picked at random.
+    being picked at random. As in PromQL, ``label=""`` matches a sample without that label.
     """
     if isinstance(source, str):
         families: Iterable[Any] = text_string_to_metric_families(source)
@@ -24,6 +27,12 @@ def sample_value(source: Any, name: str, /, **labels: str) -> float | None:
     else:
         families = source
     found = [s for family in families for s in family.samples
-             if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())]
+             if s.name == name and all(s.labels.get(k, "") == v for k, v in labels.items())]
     assert len(found) <= 1, f"{name}{labels} is ambiguous, give more labels: {[s.labels for s in found]}"
     return found[0].value if found else None
+
+
+def polled_value(exporter: Exporter, name: str, /, **labels: str) -> float | None:
+    """``sample_value`` from an Exporter after one ``poll_now()``, so gauges show the pools as they are now."""
+    exporter.poll_now()
+    return sample_value(exporter, name, **labels)

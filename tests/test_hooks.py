@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import traceback
+from functools import partial
 from typing import Any
 
 import pytest
@@ -13,15 +14,12 @@ from sqlalchemy import create_engine, exc
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from dbpool_exporter import Exporter, hooks
+from samples import polled_value
 
 KINDS = ("sqlalchemy", "sqlalchemy-async", "psycopg", "psycopg-async")
 
 
-def value(exporter: Exporter, metric: str, kind: str) -> float:
-    exporter.poll_now()
-    found = exporter.registry.get_sample_value(metric, {"pool": "app", "kind": kind})
-    assert found is not None, metric
-    return found
+value = partial(polled_value, pool="app")
 
 
 async def drive(name: str, pg_dsn: str, sync_url: str, async_url: str) -> None:
@@ -63,11 +61,11 @@ async def drive(name: str, pg_dsn: str, sync_url: str, async_url: str) -> None:
         for conn in held:
             await call(conn.close) if kind == "sqlalchemy" else await call(pool.putconn, conn)
         # No poll saw three out at once; the hooks did.
-        assert value(exporter, "dbpool_checked_out_peak", kind) == 3
-        assert value(exporter, "dbpool_connection_hold_seconds_count", kind) == 3
-        assert value(exporter, "dbpool_acquire_wait_seconds_count", kind) == 4
-        assert value(exporter, "dbpool_acquire_timeouts_total", kind) == 1
-        assert value(exporter, "dbpool_pending_acquires", kind) == 0
+        assert value(exporter, "dbpool_checked_out_peak", kind=kind) == 3
+        assert value(exporter, "dbpool_connection_hold_seconds_count", kind=kind) == 3
+        assert value(exporter, "dbpool_acquire_wait_seconds_count", kind=kind) == 4
+        assert value(exporter, "dbpool_acquire_timeouts_total", kind=kind) == 1
+        assert value(exporter, "dbpool_pending_acquires", kind=kind) == 0
         exporter.unregister("app")
         assert not {"connect", "_return_conn", "getconn", "putconn"} & set(pool_object.__dict__)
     finally:

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import threading
 import time
+from functools import partial
 
 import pytest
 from psycopg_pool import ConnectionPool
@@ -13,15 +14,12 @@ from sqlalchemy import create_engine, exc, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from dbpool_exporter import Exporter
+from samples import polled_value
 
 LEAK_LOGGER = "dbpool_exporter.leaks"
 
 
-def value(exporter: Exporter, metric: str, kind: str = "sqlalchemy", **labels: str) -> float:
-    exporter.poll_now()
-    found = exporter.registry.get_sample_value(metric, {"pool": "app", "kind": kind, **labels})
-    assert found is not None, metric
-    return found
+value = partial(polled_value, pool="app", kind="sqlalchemy")
 
 
 def test_known_wait_and_hold_land_in_their_buckets(sync_url: str) -> None:

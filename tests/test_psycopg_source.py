@@ -6,6 +6,7 @@ import asyncio
 import threading
 import time
 import weakref
+from functools import partial
 
 import psycopg
 from prometheus_client import generate_latest
@@ -14,11 +15,9 @@ from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
 from conftest import check_metrics
 from dbpool_exporter import Exporter
 from dbpool_exporter.throwaway import free_port
+from samples import polled_value
 
-
-def value(exporter: Exporter, metric: str, **labels: str) -> float | None:
-    exporter.poll_now()
-    return exporter.registry.get_sample_value(metric, {"pool": "ck", "kind": "psycopg", **labels})
+value = partial(polled_value, pool="ck", kind="psycopg")
 
 
 def test_sync_pool_counters_move_waiters_and_timeout(pg_dsn: str, promtool: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from functools import partial
 
 import pytest
 from prometheus_client import generate_latest
@@ -14,13 +15,12 @@ from sqlalchemy.pool import NullPool, SingletonThreadPool, StaticPool
 
 from conftest import check_metrics
 from dbpool_exporter import Exporter
+from samples import polled_value
 
 SEED_ERROR = r"QueuePool limit of size 2 overflow 1 reached, connection timed out, timeout 0.50"
 
 
-def value(exporter: Exporter, metric: str, pool: str = "app", **labels: str) -> float | None:
-    exporter.poll_now()
-    return exporter.registry.get_sample_value(metric, {"pool": pool, "kind": "sqlalchemy", **labels})
+value = partial(polled_value, pool="app", kind="sqlalchemy")
 
 
 def out(exporter: Exporter) -> float | None:
@@ -206,7 +206,7 @@ def test_bare_pool_is_accepted(sync_url: str) -> None:
             assert out(exporter) == 1
         assert value(exporter, "dbpool_max_connections") == 1
         # A bare Pool knows no URL: the info metric has no server label rather than a wrong one.
-        assert value(exporter, "dbpool_pool_info", pool_class="QueuePool") == 1
+        assert value(exporter, "dbpool_pool_info", pool_class="QueuePool", server="", database="") == 1
     finally:
         exporter.stop()
         engine.dispose()
