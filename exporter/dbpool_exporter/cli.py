@@ -117,6 +117,8 @@ def _dsn_in_environment() -> bool:
 
 
 def _check_config(args: argparse.Namespace) -> int:
+    if not _installed("yaml"):  # imported only once the file is read: look for it first
+        return _missing_extra("check-config", "yaml")
     try:
         from .config import ConfigError, load_file
     except ImportError as e:
