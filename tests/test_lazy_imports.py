@@ -21,6 +21,8 @@ NOT_FOR_RUN = ("dbpool_exporter.demo", "dbpool_exporter.budget", "dbpool_exporte
                "dbpool_exporter.sources.pgbouncer")
 # What the daemon loads only when its flags ask for it; ``run`` with DATA_SOURCE_NAME alone loads none of them.
 RUN_LAZY = ("yaml", "bcrypt")
+# What it never loads: its polls are timers on its own loop (no APScheduler, tzlocal or multiprocessing).
+NEVER_FOR_RUN = ("apscheduler", "tzlocal", "multiprocessing", "concurrent.futures.process")
 PASSWORD = "probe-password"
 
 # Installed as a meta path finder, it makes the named top-level packages absent, as in a core-only install.
@@ -168,6 +170,7 @@ def _daemon_modules(tmp_path: Path, *args: str, env: dict[str, str] | None = Non
     assert out.exists(), f"the daemon never served a server poll: {result.stderr[-2000:]}"
     modules: list[str] = json.loads(out.read_text())
     assert "asyncpg" in modules and "dbpool_exporter.sources.postgres" in modules  # it did poll
+    assert _loaded(modules, NEVER_FOR_RUN) == []
     return modules
 
 
