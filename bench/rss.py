@@ -8,6 +8,9 @@ missing and we are root). Figures are printed, never asserted.
     python bench/rss.py                    # ~1 min
     python bench/rss.py --variants plain,arena2 --smaps
     python bench/rss.py --layers           # where the memory goes: each import layer's share
+
+Every run also prints the floor: a fresh interpreter that only imports asyncio, ssl and asyncpg, the
+libraries the daemon is built on, before any of its own work.
 """
 
 from __future__ import annotations
@@ -30,11 +33,15 @@ from dbpool_exporter.throwaway import PgCluster, free_port
 
 EXPORTER = os.path.join(os.path.dirname(sys.executable), "dbpool-exporter")
 PG_EXPORTER = "prometheus-postgres-exporter"
-# Environment variants of our daemon: what each changes is what it measures.
+# Environment variants of our daemon: what each changes is what it measures. "dsn" runs it as
+# postgres_exporter is run, one server from DATA_SOURCE_NAME and no config file (so no PyYAML), which
+# polls at the default interval (10 s) rather than --interval.
 VARIANTS = {
     "plain": {},
     "arena2": {"MALLOC_ARENA_MAX": "2"},
+    "dsn": {"DATA_SOURCE_NAME": "{dsn}"},
 }
+FLOOR = "import asyncio, ssl, asyncpg"
 
 
 @dataclass
@@ -133,7 +140,8 @@ def measure(name: str, cmd: list[str], env: dict[str, str], port: int, polls: in
         return figures
 
 
-# What `run` imports, layer by layer, each measured on top of the ones before it (--layers).
+# What `run` imports, layer by layer, each measured on top of the ones before it (--layers); the last
+# two only when a YAML file is read or basic auth is configured.
 LAYERS = (
     ("interpreter", "pass"),
     ("ssl (OpenSSL 3)", "import ssl"),
@@ -141,12 +149,10 @@ LAYERS = (
     ("logging, json, argparse", "import logging, json, argparse, dataclasses"),
     ("prometheus_client", "import prometheus_client"),
     ("asyncpg", "import asyncpg"),
-    ("yaml", "import yaml"),
-    ("bcrypt", "import bcrypt"),
     ("dbpool_exporter (run's modules)", "import dbpool_exporter.cli, dbpool_exporter.daemon, "
                                         "dbpool_exporter.sources.postgres"),
-    ("apscheduler (poll jobs)", "import apscheduler.schedulers.asyncio, apscheduler.schedulers.background, "
-                                "apscheduler.triggers.interval, apscheduler.executors.pool"),
+    ("yaml (a config file)", "import dbpool_exporter.yamlfile"),
+    ("bcrypt (basic_auth_users)", "import bcrypt"),
 )
 _LAYER_SCRIPT = """
 import re, sys
@@ -164,6 +170,17 @@ for name, statement in LAYERS:
 def layers() -> None:
     print("Resident memory by import layer (a fresh interpreter, no connection):")
     subprocess.run([sys.executable, "-c", f"LAYERS = {LAYERS!r}\n" + _LAYER_SCRIPT], check=True, timeout=120)
+    print(floor())
+
+
+def floor() -> str:
+    """What the chosen libraries alone hold resident: no daemon built on them can be leaner."""
+    code = (f"import re, sys\n{FLOOR}\n"
+            "print(re.search(r'VmRSS:\\s+(\\d+)', open('/proc/self/status').read()).group(1), len(sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=120)
+    kb, modules = out.stdout.split()
+    return (f"{'floor: asyncio, ssl, asyncpg alone':<34} {int(kb) / 1024:>6.1f} MB  "
+            f"(a fresh interpreter, {modules} modules)")
 
 
 def ensure_postgres_exporter() -> str | None:
@@ -195,7 +212,7 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=1000)
     parser.add_argument("--polls", type=int, default=10, help="scrapes (one per poll) before reading RSS")
     parser.add_argument("--interval", type=float, default=1.0, help="the daemon's poll interval, seconds")
-    parser.add_argument("--variants", default="plain,arena2", help=f"of {', '.join(VARIANTS)}")
+    parser.add_argument("--variants", default="plain,arena2,dsn", help=f"of {', '.join(VARIANTS)}")
     parser.add_argument("--smaps", action="store_true", help="also print each process's largest mappings")
     parser.add_argument("--layers", action="store_true", help="only print what each import layer costs")
     args = parser.parse_args()
@@ -210,7 +227,8 @@ def main() -> int:
             parser.error(f"unknown variant {v!r}")
 
     pg_exporter = ensure_postgres_exporter()
-    base_env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+    base_env = {k: v for k, v in os.environ.items()
+                if k not in ("MALLOC_ARENA_MAX", "DATA_SOURCE_NAME", "DATA_SOURCE_NAME_FILE")}
     with PgCluster(max_connections="1100", shared_buffers="32MB") as cluster, \
             tempfile.TemporaryDirectory(prefix="dbpool-rss-") as tmp:
         conns = open_idle(cluster.dsn, args.connections, 180)
@@ -223,10 +241,12 @@ def main() -> int:
                 config = os.path.join(tmp, "config.yml")
                 with open(config, "w") as f:
                     f.write(f"servers:\n  - name: bench\n    dsn: {cluster.dsn}\n    interval: {args.interval}s\n")
-                cmd = [EXPORTER, "run", "--config.file", config, "--web.listen-address", f"127.0.0.1:{port}",
-                       "--log.level", "warn"]
-                results.append(measure(f"dbpool-exporter run ({variant})", cmd, {**base_env, **VARIANTS[variant]},
-                                       port, args.polls, args.interval, "dbpool_server_connections", args.smaps))
+                env = {**base_env, **{k: v.format(dsn=cluster.dsn) for k, v in VARIANTS[variant].items()}}
+                cmd = [EXPORTER, "run", "--web.listen-address", f"127.0.0.1:{port}", "--log.level", "warn"]
+                if "DATA_SOURCE_NAME" not in env:
+                    cmd += ["--config.file", config]
+                results.append(measure(f"dbpool-exporter run ({variant})", cmd, env, port, args.polls,
+                                       args.interval, "dbpool_server_connections", args.smaps))
             if pg_exporter:
                 port = free_port()
                 env = {**base_env, "DATA_SOURCE_NAME": cluster.dsn + "?sslmode=disable"}
@@ -242,6 +262,7 @@ def main() -> int:
     print(f"\n{'process':<34} {'RSS MB':>7} {'anon':>7} {'file':>7} {'peak':>7} {'threads':>7} {'saw':>7}")
     for figures in results:
         print(figures.row())
+    print(f"\n{floor()}")
     return 0
 
 

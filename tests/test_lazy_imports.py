@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+
+import pytest
 
 # The daemon's extra and the pool kinds' extras.
 DAEMON_PACKAGES = ("asyncpg", "yaml", "bcrypt", "apscheduler", "tzlocal")
@@ -16,6 +19,11 @@ POOL_PACKAGES = ("sqlalchemy", "psycopg", "psycopg_pool", "psycopg_binary", "gre
 NOT_FOR_RUN = ("dbpool_exporter.demo", "dbpool_exporter.budget", "dbpool_exporter.workload",
                "dbpool_exporter.throwaway", "dbpool_exporter.sources.sqlalchemy", "dbpool_exporter.sources.psycopg",
                "dbpool_exporter.sources.pgbouncer")
+# What the daemon loads only when its flags ask for it; ``run`` with DATA_SOURCE_NAME alone loads none of them.
+RUN_LAZY = ("yaml", "bcrypt")
+# What it never loads: its polls are timers on its own loop (no APScheduler, tzlocal or multiprocessing).
+NEVER_FOR_RUN = ("apscheduler", "tzlocal", "multiprocessing", "concurrent.futures.process")
+PASSWORD = "probe-password"
 
 # Installed as a meta path finder, it makes the named top-level packages absent, as in a core-only install.
 BLOCK = """
@@ -35,9 +43,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _python(code: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def _python(code: str, *args: str, timeout: float = 60, env: dict[str, str] | None = None
+            ) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env=env)
 
 
 def _loaded(modules: list[str], names: tuple[str, ...]) -> list[str]:
@@ -128,10 +137,8 @@ def test_check_config_parses_dsns_without_psycopg(tmp_path: Path) -> None:
     assert _loaded(modules, POOL_PACKAGES + ("asyncpg",)) == []  # no connection made: no driver
 
 
-def test_run_with_servers_only_loads_no_pool_library(pg_dsn: str, tmp_path: Path) -> None:
-    """``dbpool-exporter run`` watching a server, after it served a poll: no SQLAlchemy, no psycopg, no demo."""
-    config = tmp_path / "config.yml"
-    config.write_text(f"servers:\n  - name: main\n    dsn: {pg_dsn}\n    interval: 0.5s\n")
+def _daemon_modules(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> list[str]:
+    """sys.modules of a real ``dbpool-exporter run`` once it has polled its server (and served that poll)."""
     port = free_port()
     out = tmp_path / "modules.json"
     code = textwrap.dedent(f"""
@@ -139,9 +146,12 @@ def test_run_with_servers_only_loads_no_pool_library(pg_dsn: str, tmp_path: Path
 
         def probe():
             deadline = time.monotonic() + 60
+            # Harmless without basic auth; the right password with it.
+            auth = {{"Authorization": "Basic " + __import__("base64").b64encode(b"probe:{PASSWORD}").decode()}}
             while time.monotonic() < deadline:
                 try:
-                    with urllib.request.urlopen("http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                    request = urllib.request.Request("http://127.0.0.1:{port}/metrics", headers=auth)
+                    with urllib.request.urlopen(request, timeout=5) as r:
                         text = r.read().decode()
                     if "\\ndbpool_server_max_connections{{" in text:  # a poll happened (no client may be connected)
                         with open({str(out)!r}, "w") as f:
@@ -156,10 +166,35 @@ def test_run_with_servers_only_loads_no_pool_library(pg_dsn: str, tmp_path: Path
         from dbpool_exporter.cli import main
         sys.exit(main(sys.argv[1:]))
     """)
-    result = _python(code, "run", "--config.file", str(config), "--web.listen-address", f"127.0.0.1:{port}",
-                     timeout=90)
+    result = _python(code, "run", *args, "--web.listen-address", f"127.0.0.1:{port}", timeout=90, env=env)
     assert out.exists(), f"the daemon never served a server poll: {result.stderr[-2000:]}"
-    modules = json.loads(out.read_text())
+    modules: list[str] = json.loads(out.read_text())
     assert "asyncpg" in modules and "dbpool_exporter.sources.postgres" in modules  # it did poll
+    assert _loaded(modules, NEVER_FOR_RUN) == []
+    return modules
+
+
+def test_run_with_servers_only_loads_no_pool_library(pg_dsn: str, tmp_path: Path) -> None:
+    """``dbpool-exporter run`` watching a server, after it served a poll: no SQLAlchemy, no psycopg, no demo."""
+    config = tmp_path / "config.yml"
+    config.write_text(f"servers:\n  - name: main\n    dsn: {pg_dsn}\n    interval: 0.5s\n")
+    modules = _daemon_modules(tmp_path, "--config.file", str(config))
     assert _loaded(modules, POOL_PACKAGES) == []
     assert [m for m in NOT_FOR_RUN if m in modules] == []
+    assert "yaml" in modules  # the config file was read
+
+
+@pytest.mark.parametrize("web", ["none", "no users", "users"])
+def test_run_loads_what_its_flags_need(pg_dsn: str, tmp_path: Path, web: str) -> None:
+    """The daemon's lazy set: PyYAML only for a file it reads, bcrypt only for basic_auth_users."""
+    args: list[str] = []
+    if web != "none":
+        import bcrypt
+
+        users = f"basic_auth_users:\n  probe: '{bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(4)).decode()}'\n"
+        config = tmp_path / "web.yml"
+        config.write_text("rate_limit:\n  interval: 1ms\n  burst: 100\n" + (users if web == "users" else ""))
+        args = ["--web.config.file", str(config)]
+    modules = _daemon_modules(tmp_path, *args, env={**os.environ, "DATA_SOURCE_NAME": pg_dsn})
+    expected_absent = {"none": ("yaml", "bcrypt"), "no users": ("bcrypt",), "users": ()}[web]
+    assert sorted({m.split(".")[0] for m in _loaded(modules, RUN_LAZY)}) == sorted(set(RUN_LAZY) - set(expected_absent))

@@ -24,7 +24,7 @@ PLUGINS = ("dbpool_exporter.demo", "dbpool_exporter.budget")
 CORE_COMMANDS = ("run", "check-config")
 # What the daemon's commands import that the core install lacks: they say which extra to install.
 DAEMON_EXTRA = "pip install 'dbpool-exporter[daemon]'"
-DAEMON_MODULES = ("asyncpg", "yaml", "bcrypt", "apscheduler")
+DAEMON_MODULES = ("asyncpg", "yaml", "bcrypt")
 
 log = logging.getLogger("dbpool_exporter")
 
@@ -49,7 +49,8 @@ def _installed(module: str) -> bool:
 
 
 def _run(args: argparse.Namespace) -> int:
-    # APScheduler is imported only once polling starts: look for it (and the rest) before anything runs.
+    # PyYAML and bcrypt are imported only when a file or basic auth needs them: look for every one of the
+    # extra's modules before anything runs, so a missing one is a line now, not a traceback on a reload.
     missing = next((m for m in DAEMON_MODULES if not _installed(m)), None)
     if missing:
         return _missing_extra("run", missing)
@@ -117,6 +118,8 @@ def _dsn_in_environment() -> bool:
 
 
 def _check_config(args: argparse.Namespace) -> int:
+    if not _installed("yaml"):  # imported only once the file is read: look for it first
+        return _missing_extra("check-config", "yaml")
     try:
         from .config import ConfigError, load_file
     except ImportError as e:

@@ -7,7 +7,6 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from . import yamlfile
 from .limits import MAX_CONFIG_BYTES, MAX_DSN_BYTES, TooLarge, read_capped
 from .redact import parse_dsn, server_label
 from .schema import INVALID, ConfigError, Count, Duration, ListOf, Raw, Section, Str, join, kind, parse_duration
@@ -95,6 +94,8 @@ class Config:
 
 def load_file(path: str, env: Mapping[str, str] | None = None) -> Config:
     """Read and validate a config file; raises ``ConfigError`` listing every problem."""
+    from . import yamlfile  # PyYAML only when a file is read: DATA_SOURCE_NAME alone never loads it
+
     try:
         return parse(yamlfile.load(path, MAX_CONFIG_BYTES), env=os.environ if env is None else env, origin=path)
     except yamlfile.YAMLFileError as e:

@@ -91,6 +91,9 @@ class Daemon:
         self.config = config
         self.loader = loader
         self.exporter = Exporter()
+        # Polls are timers on our own loop: APScheduler (and the tzlocal and multiprocessing it loads, 2.4 MB
+        # resident) earns its keep in host applications, which may have no loop, not here.
+        self.exporter.poller.on_loop = True
         self.registry = CollectorRegistry(auto_describe=False)
         served = _Served(self)
         self.registry.register(served)
@@ -124,7 +127,7 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         for server in self.config.sources:  # servers, then pgbouncers
             self.exporter.register(server.name, server.source())
-        self.exporter.start()  # inside the running loop: an AsyncIOScheduler on this loop
+        self.exporter.start()  # inside the running loop: the poller's timers need it
         host, port = self.web.address
         log.info("listening address=%s:%d telemetry_path=%s version=%s", f"[{host}]" if ":" in host else host,
                  port, self.web.telemetry_path, __version__)

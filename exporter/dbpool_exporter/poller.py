@@ -1,4 +1,4 @@
-"""Runs every source on its own interval with APScheduler and keeps each source's latest result."""
+"""Runs every source on its own interval (APScheduler, or the daemon's own loop) and keeps its latest result."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -68,12 +69,95 @@ class SourceState:
         return self.up and self.snapshot is not None and now - self.snapshot_at <= 3 * self.source.interval + 1
 
 
+class LoopScheduler:
+    """The part of APScheduler's interface the Poller uses, on plain asyncio timers of one running loop.
+
+    For an asyncio program of its own (the daemon), which then need not load APScheduler, tzlocal and
+    multiprocessing. Call it from the loop's thread only. The semantics are the ones the Poller asks of
+    APScheduler: a job is one task, so it never overlaps itself (``max_instances=1``); ticks missed while it
+    ran or the loop was busy are skipped (``coalesce``); the first run is at once.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._jobs: dict[str, _LoopJob] = {}
+
+    def start(self) -> None:
+        pass
+
+    def add_job(self, func: Callable[[], Any], trigger: str, *, seconds: float, id: str, name: str = "",
+                replace_existing: bool = False, next_run_time: datetime | None = None) -> None:
+        if trigger != "interval" or seconds <= 0:
+            raise ValueError(f"job {id!r}: only a positive interval is supported")
+        if id in self._jobs:
+            if not replace_existing:
+                raise ValueError(f"a job {id!r} is already scheduled")
+            self.remove_job(id)
+        job = self._jobs[id] = _LoopJob(id, seconds, func)
+        job.task = self._loop.create_task(self._run(job), name=f"dbpool-exporter:{name or id}")
+
+    def get_job(self, job_id: str) -> _LoopJob | None:
+        return self._jobs.get(job_id)
+
+    def remove_job(self, job_id: str) -> None:
+        """Unschedule; a KeyError (as APScheduler's JobLookupError is) when there is no such job."""
+        job = self._jobs.pop(job_id)
+        # A run under way finishes, as with APScheduler; none follows it.
+        if not job.running and job.task is not None:
+            job.task.cancel()
+
+    def shutdown(self, wait: bool = True) -> None:
+        # As APScheduler's AsyncIOExecutor: runs under way are cancelled too.
+        jobs, self._jobs = list(self._jobs.values()), {}
+        for job in jobs:
+            if job.task is not None:
+                job.task.cancel()
+
+    async def _run(self, job: _LoopJob) -> None:
+        due = self._loop.time()
+        while True:
+            delay = due - self._loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            job.running = True
+            try:
+                if inspect.iscoroutinefunction(job.func):
+                    await job.func()
+                else:  # AsyncIOScheduler runs plain functions in the loop's executor: they may block
+                    await asyncio.to_thread(job.func)
+            except Exception:
+                _scheduler_log.exception("job %s raised an exception", job.id)
+            finally:
+                job.running = False
+            if self._jobs.get(job.id) is not job:
+                return  # removed or replaced while it ran
+            # A fixed rate, as APScheduler's interval trigger: the next tick still ahead.
+            due += job.seconds
+            now = self._loop.time()
+            if due < now:
+                due += math.ceil((now - due) / job.seconds) * job.seconds
+
+
+@dataclass(slots=True)
+class _LoopJob:
+    id: str
+    seconds: float
+    func: Callable[[], Any]
+    task: asyncio.Task[None] | None = None
+    running: bool = False
+
+
 class Poller:
-    """One APScheduler job per source: ``max_instances=1`` and coalesced, so polls never pile up."""
+    """One scheduled job per source: ``max_instances=1`` and coalesced, so polls never pile up.
+
+    APScheduler runs them (on the host's loop, else in a thread), or, with ``on_loop`` set before
+    ``start()``, a ``LoopScheduler`` on the running loop.
+    """
 
     def __init__(self) -> None:
         self.states: dict[str, SourceState] = {}
-        self._scheduler: BaseScheduler | None = None
+        self.on_loop = False
+        self._scheduler: BaseScheduler | LoopScheduler | None = None
         self._threaded = False  # a BackgroundScheduler thread, rather than an AsyncIOScheduler on the host's loop
         self._private_loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
@@ -111,9 +195,7 @@ class Poller:
 
     def cancel(self, job_id: str) -> None:
         if self._chores.pop(job_id, None) is not None and self._scheduler is not None:
-            from apscheduler.jobstores.base import JobLookupError
-
-            with contextlib.suppress(JobLookupError):
+            with contextlib.suppress(KeyError):  # APScheduler's JobLookupError is one
                 self._scheduler.remove_job(job_id)
 
     # --- running ----------------------------------------------------------------------------
@@ -124,6 +206,11 @@ class Poller:
     def start(self) -> None:
         """Use the running asyncio loop when there is one (async hosts), else a daemon thread."""
         if self._scheduler is not None:
+            return
+        if self.on_loop:
+            self._threaded = False
+            self._scheduler = LoopScheduler(asyncio.get_running_loop())
+            self._schedule_all()
             return
         defaults = {"max_instances": 1, "coalesce": True, "misfire_grace_time": None}
         try:
@@ -142,6 +229,9 @@ class Poller:
             self._scheduler = BackgroundScheduler(job_defaults=defaults, daemon=True, timezone=timezone.utc,
                                                   logger=_scheduler_log)
         self._scheduler.start()
+        self._schedule_all()
+
+    def _schedule_all(self) -> None:
         for state in list(self.states.values()):
             self._schedule(state)
         for job_id in list(self._chores):

@@ -18,9 +18,6 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-import bcrypt
-
-from . import yamlfile
 from .limits import MAX_WEB_CONFIG_BYTES, TooLarge, read_capped
 from .schema import Bool, Choice, ConfigError, Count, Duration, ListOf, Raw, Section, Str, kind
 
@@ -162,6 +159,8 @@ class WebConfig:
             # An unknown user is checked against a hash of the same cost, so timing does not tell
             # which user names exist.
             cost = max(int(h[4:6]) for h in self._users.values())
+            import bcrypt  # only with basic_auth_users: a daemon without users never loads it
+
             self._dummy_hash = bcrypt.hashpw(secrets.token_bytes(16), bcrypt.gensalt(cost))
         self._cache_key = secrets.token_bytes(32)
         self._cache: OrderedDict[bytes, None] = OrderedDict()
@@ -219,6 +218,8 @@ class WebConfig:
                 if key in self._cache:
                     self._cache.move_to_end(key)
                     return True
+        import bcrypt  # loaded by __init__ already: users exist
+
         with self._bcrypt_lock:
             try:
                 ok = bcrypt.checkpw(password, hashed if hashed is not None else self._dummy_hash)
@@ -244,6 +245,8 @@ class WebConfig:
 
 def load_web_config(path: str) -> WebConfig:
     """Read and validate an exporter-toolkit web config file; raises ``WebConfigError``, one line per problem."""
+    from . import yamlfile  # PyYAML only when a web config file is read
+
     try:
         data = yamlfile.load(path, MAX_WEB_CONFIG_BYTES)
     except yamlfile.YAMLFileError as e:

@@ -54,9 +54,10 @@ class SharedDirError(Exception):
 
 def is_managed_worker() -> bool:
     """True in a worker of a process manager: gunicorn's fork, or uvicorn/hypercorn's spawned children."""
-    import multiprocessing
-
-    return "gunicorn.arbiter" in sys.modules or multiprocessing.parent_process() is not None
+    # A child of multiprocessing has it imported (spawn and forkserver start in it, a fork inherits it):
+    # a process without it is no such child, and need not load it to find out (the daemon never does).
+    mp = sys.modules.get("multiprocessing")
+    return "gunicorn.arbiter" in sys.modules or (mp is not None and mp.parent_process() is not None)
 
 
 def default_dir() -> Path | None:
