@@ -19,7 +19,7 @@ from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer
 
 from .logs import RateLimited
 
-if TYPE_CHECKING:  # not at run time: webconfig needs bcrypt and yaml, which the library does not
+if TYPE_CHECKING:  # not at run time: the in-process library never reads a web config
     from .webconfig import WebConfig
 
 __all__ = ["RunningServer", "parse_listen_address", "serve_wsgi"]
