@@ -244,7 +244,7 @@ class Recorder:
         as it would be without us. So once ``out`` holds the only reference left, the record moves
         to a key of its own: it still counts as out, since the pool never got that slot back.
         """
-        keys = [key for key in self.out if key.__class__ is not int]
+        keys = [key for key in list(self.out) if key.__class__ is not int]  # list(): one step, as hooks insert
         for key, refs in zip(keys, _references(keys), strict=True):
             if refs <= _UNREFERENCED:
                 checkout = self.out.pop(key, None)
