@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import sys
 import threading
 import time
@@ -158,32 +159,58 @@ def test_info_has_server_and_database_but_never_the_password(pg_dsn: str) -> Non
 def test_a_connection_dropped_without_putconn_is_freed_yet_still_counted_out(pg_dsn: str) -> None:
     # The hooks key checkouts by the connection object (cheaper than id()); that key must not keep a
     # leaked connection, and its server session, alive: the application lost it, the pool lost the slot.
-    pool = ConnectionPool(pg_dsn, min_size=1, max_size=3, open=True, kwargs={"application_name": "dbpool-dropped"})
+    pool = ConnectionPool(pg_dsn, min_size=1, max_size=4, open=True, kwargs={"application_name": "dbpool-dropped"})
     pool.wait()
     exporter = Exporter().register("ck", pool)
     watcher = psycopg.connect(pg_dsn, autocommit=True)
     try:
         kept = pool.getconn()
-        dropped = pool.getconn()
-        backend = dropped.info.backend_pid
-        alive = weakref.ref(dropped)
-        del dropped
-        assert value(exporter, "dbpool_connections", state="checked_out") == 2
-        assert alive() is None, "the exporter kept a dropped connection alive"
+        dropped, cyclic = pool.getconn(), pool.getconn()
+        cyclic.add_notice_handler(lambda notice, conn=cyclic: None)  # a reference cycle: only gc frees it
+        backends = [dropped.info.backend_pid, cyclic.info.backend_pid]
+        alive = [weakref.ref(dropped), weakref.ref(cyclic)]
+        del dropped, cyclic
+        assert value(exporter, "dbpool_connections", state="checked_out") == 3
+        gc.collect()
+        assert [ref() for ref in alive] == [None, None], "the exporter kept a dropped connection alive"
         deadline = time.monotonic() + 10
-        while watcher.execute("select 1 from pg_stat_activity where pid = %s", [backend]).fetchone():
-            assert time.monotonic() < deadline, "the dropped connection's server session stayed open"
+        while watcher.execute("select 1 from pg_stat_activity where pid = any(%s)", [backends]).fetchone():
+            assert time.monotonic() < deadline, "a dropped connection's server session stayed open"
             time.sleep(0.05)
-        # Still out: psycopg_pool never gets that slot back, so the leak stays visible.
+        # Still out: psycopg_pool never gets those slots back, so the leak stays visible.
         time.sleep(0.05)
-        assert value(exporter, "dbpool_connections", state="checked_out") == 2
+        assert value(exporter, "dbpool_connections", state="checked_out") == 3
         assert value(exporter, "dbpool_oldest_checkout_age_seconds") >= 0.05
-        # A connection still held is left as it is, and its return is timed as usual.
+        # A connection held across those polls comes back through its weak key and is timed as usual.
         pool.putconn(kept)
         assert value(exporter, "dbpool_connection_hold_seconds_count") == 1
-        assert value(exporter, "dbpool_connections", state="checked_out") == 1
+        assert value(exporter, "dbpool_connections", state="checked_out") == 2
     finally:
         watcher.close()
+        exporter.stop()
+        pool.close()
+
+
+class _EqualByPid(psycopg.Connection):  # type: ignore[type-arg]
+    """A connection class of the application's with its own equality: unhashable, so never a key."""
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _EqualByPid) and other.info.backend_pid == self.info.backend_pid
+
+
+def test_a_connection_class_with_its_own_equality_is_still_counted(pg_dsn: str) -> None:
+    pool = ConnectionPool(pg_dsn, connection_class=_EqualByPid, min_size=1, max_size=2, open=True)
+    pool.wait()
+    exporter = Exporter().register("ck", pool)
+    try:
+        a, b = pool.getconn(), pool.getconn()
+        assert value(exporter, "dbpool_connections", state="checked_out") == 2
+        pool.putconn(a)
+        pool.putconn(b)
+        assert value(exporter, "dbpool_connections", state="checked_out") == 0
+        assert value(exporter, "dbpool_connection_hold_seconds_count") == 2
+        assert pool.get_stats()["pool_available"] == 2
+    finally:
         exporter.stop()
         pool.close()
 

@@ -59,7 +59,7 @@ def factory(original, recorder, timeout_error):
 _RELEASE_LINE = sys._getframe().f_lineno + 2
 _RELEASE = """\
 def factory(original, recorder):
-    holds, out, released = recorder.holds, recorder.out, recorder.released_checkout
+    holds, out, released, late = recorder.holds, recorder.out, recorder.released_checkout, recorder.released_late
 
     {async_}def release({params}):
         checkout = out.pop({last_key}, None)
@@ -67,6 +67,7 @@ def factory(original, recorder):
             holds.append(_now() - checkout)
         elif checkout is not None:
             released(checkout)
+        {missed}
         {pass_on}
 
     return release
@@ -114,7 +115,9 @@ def _render(template: str, line: int, is_async: bool, params: str, key: str, pas
 
     source = template.format(async_="async " if is_async else "", await_=await_, params=params, args=args,
                              conn_key=checkout_key("conn"), last_key=checkout_key(names[-1] if names else ""),
-                             pass_on=f"{await_}original({args})" if pass_on else "pass")
+                             pass_on=f"{await_}original({args})" if pass_on else "pass",
+                             # Keyed by the object, a checkout held across a poll sits under a weak key.
+                             missed=f"else: late({names[-1]})" if by_object and names else "")
     namespace: dict[str, Any] = {}
     # Blank lines first, so the rendered code's line numbers are the template's in this file.
     exec(compile("\n" * (line - 1) + source, __file__, "exec"), _GLOBALS, namespace)

@@ -19,6 +19,7 @@ import bisect
 import logging
 import sys
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass
 from types import CodeType, FrameType
@@ -44,6 +45,7 @@ _STACK_DEPTH = 24
 # quiet pool is attributed from its second connection on.
 SITE_AGE = 10.0
 _now = time.perf_counter  # a module global is found faster than time.perf_counter
+_Weak = weakref.ref
 # Gates are ints (an int comparison is the cheapest on the hot path); this one is never passed.
 NEVER = sys.maxsize
 
@@ -236,20 +238,41 @@ class Recorder:
         }
 
     def unpin(self) -> None:
-        """Let go of connections the application dropped without returning them.
+        """Hold no connection alive: move every checkout keyed by its connection to a weak key.
 
         Hooks made with ``by_object`` key ``out`` by the connection itself: cheaper than ``id()``
-        on the hot path (no int is made) and never confused by a reused id. But a key is a
-        reference, and a leaked connection must still be freed, and its server session closed,
-        as it would be without us. So once ``out`` holds the only reference left, the record moves
-        to a key of its own: it still counts as out, since the pool never got that slot back.
+        on the hot path (no int is made) and never confused by a reused id. But a key is a strong
+        reference, and a connection the application drops without returning must be freed, and
+        its server session closed, as it would be without us (reference cycles included). So each
+        poll moves those keys to weak references; the release hook looks there (``released_late``)
+        when its own key is gone. A dropped connection still counts as out: the pool never gets
+        that slot back.
         """
-        keys = [key for key in list(self.out) if key.__class__ is not int]  # list(): one step, as hooks insert
-        for key, refs in zip(keys, _references(keys), strict=True):
-            if refs <= _UNREFERENCED:
-                checkout = self.out.pop(key, None)
-                if checkout is not None:
-                    self.out[object()] = checkout
+        out = self.out
+        for key in [k for k in list(out) if k.__class__ is not int and k.__class__ is not _Weak]:
+            checkout = out.get(key)
+            if checkout is None:
+                continue
+            try:
+                weak: object = _Weak(key)
+            except TypeError:  # no weak references to this type: its id, which holds nothing
+                weak = id(key)
+            # Add the weak key before removing the strong one, so a release in between finds one of
+            # them; if the release took the strong one, the weak copy is stale and goes too.
+            out[weak] = checkout
+            if out.pop(key, None) is None:
+                out.pop(weak, None)
+
+    def released_late(self, conn: object) -> None:
+        """The release of a checkout that ``unpin()`` moved to a weak key (held across a poll)."""
+        try:
+            checkout = self.out.pop(_Weak(conn), None)
+        except TypeError:
+            checkout = self.out.pop(id(conn), None)
+        if checkout.__class__ is float:
+            self.holds.append(_now() - checkout)
+        elif checkout is not None:
+            self.released_checkout(checkout)  # type: ignore[arg-type]
 
     def _open_site_gate(self, oldest: float) -> None:
         if self.leak_threshold is not None or (self.sites and oldest > self.site_age):
@@ -303,23 +326,6 @@ class Recorder:
 
 
 _capture_site = _sites.capture
-
-
-def _references(keys: list[object]) -> list[int]:
-    return [sys.getrefcount(key) for key in keys]
-
-
-def _unreferenced() -> int:
-    """What ``_references()`` counts for a key of a dict that nothing else refers to, as unpin() calls it.
-
-    Measured rather than assumed: the count includes the interpreter's own temporary references,
-    which differ between Python versions.
-    """
-    probe = {object(): None}
-    return _references([key for key in probe])[0]
-
-
-_UNREFERENCED = _unreferenced()
 
 
 def _started(checkout: float | tuple[float, _sites.Site | None] | _Checkout) -> float:

@@ -92,6 +92,12 @@ def _install(pool: BasePool, recorder: Recorder) -> None:
     # every acquire and release; removing them restores the class methods exactly.
     cls = type(pool)
     is_async = inspect.iscoroutinefunction(cls.getconn)  # type: ignore[attr-defined]
+    # Checkouts keyed by the connection itself (no id() to make per call) where it hashes and compares
+    # by identity, as psycopg's own classes do; a connection_class with its own __eq__ or __hash__
+    # would refuse to be a key, or merge two connections into one.
+    conn_cls = getattr(pool, "connection_class", object)
+    by_object = conn_cls.__hash__ is object.__hash__ and conn_cls.__eq__ is object.__eq__
     pool.getconn = acquire_hook(cls.getconn.__get__(pool), recorder, PoolTimeout,  # type: ignore[attr-defined]
-                                is_async=is_async, params="timeout=None", by_object=True)
-    pool.putconn = release_hook(cls.putconn.__get__(pool), recorder, is_async=is_async, by_object=True)  # type: ignore[attr-defined]
+                                is_async=is_async, params="timeout=None", by_object=by_object)
+    pool.putconn = release_hook(cls.putconn.__get__(pool), recorder,  # type: ignore[attr-defined]
+                                is_async=is_async, by_object=by_object)
