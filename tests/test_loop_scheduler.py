@@ -105,3 +105,56 @@ def test_ids_are_unique_unless_replaced_and_shutdown_cancels_runs() -> None:
         assert scheduler.get_job("poll:app") is None
 
     asyncio.run(main())
+
+
+def test_a_job_cancelled_from_inside_keeps_its_schedule() -> None:
+    # A poll that times out inside itself raises CancelledError; APScheduler logs it and polls again.
+    async def main() -> None:
+        scheduler = LoopScheduler(asyncio.get_running_loop())
+        runs = 0
+
+        async def job() -> None:
+            nonlocal runs
+            runs += 1
+            raise asyncio.CancelledError
+
+        scheduler.add_job(job, "interval", seconds=0.01, id="job")
+        for _ in range(500):
+            if runs >= 3:
+                break
+            await asyncio.sleep(0.01)
+        scheduler.shutdown()
+        assert runs >= 3, f"the job stopped after {runs} run(s)"
+
+    asyncio.run(main())
+
+
+def test_replacing_a_running_job_waits_for_its_run() -> None:
+    async def main() -> None:
+        scheduler = LoopScheduler(asyncio.get_running_loop())
+        inside, most_inside, runs = 0, 0, 0
+        release = asyncio.Event()
+
+        async def job() -> None:
+            nonlocal inside, most_inside, runs
+            runs += 1
+            inside += 1
+            most_inside = max(most_inside, inside)
+            await release.wait()
+            inside -= 1
+
+        scheduler.add_job(job, "interval", seconds=0.01, id="chore")
+        while not inside:
+            await asyncio.sleep(0.01)
+        scheduler.add_job(job, "interval", seconds=0.01, id="chore", replace_existing=True)
+        await asyncio.sleep(0.1)
+        assert (most_inside, runs) == (1, 1), "the replacement ran beside the run it replaced"
+        release.set()
+        for _ in range(500):
+            if runs >= 2:
+                break
+            await asyncio.sleep(0.01)
+        scheduler.shutdown()
+        assert (most_inside, runs >= 2) == (1, True)
+
+    asyncio.run(main())

@@ -89,11 +89,14 @@ class LoopScheduler:
                 replace_existing: bool = False, next_run_time: datetime | None = None) -> None:
         if trigger != "interval" or seconds <= 0:
             raise ValueError(f"job {id!r}: only a positive interval is supported")
-        if id in self._jobs:
+        previous = self._jobs.get(id)
+        if previous is not None:
             if not replace_existing:
                 raise ValueError(f"a job {id!r} is already scheduled")
             self.remove_job(id)
-        job = self._jobs[id] = _LoopJob(id, seconds, func)
+        # A replaced job's run under way finishes first: one id never runs twice at once.
+        after = previous.task if previous is not None and previous.running else None
+        job = self._jobs[id] = _LoopJob(id, seconds, func, after=after)
         job.task = self._loop.create_task(self._run(job), name=f"dbpool-exporter:{name or id}")
 
     def get_job(self, job_id: str) -> _LoopJob | None:
@@ -102,6 +105,7 @@ class LoopScheduler:
     def remove_job(self, job_id: str) -> None:
         """Unschedule; a KeyError (as APScheduler's JobLookupError is) when there is no such job."""
         job = self._jobs.pop(job_id)
+        job.removed = True
         # A run under way finishes, as with APScheduler; none follows it.
         if not job.running and job.task is not None:
             job.task.cancel()
@@ -110,10 +114,13 @@ class LoopScheduler:
         # As APScheduler's AsyncIOExecutor: runs under way are cancelled too.
         jobs, self._jobs = list(self._jobs.values()), {}
         for job in jobs:
+            job.removed = True
             if job.task is not None:
                 job.task.cancel()
 
     async def _run(self, job: _LoopJob) -> None:
+        if job.after is not None:
+            await asyncio.wait([job.after])
         due = self._loop.time()
         while True:
             delay = due - self._loop.time()
@@ -125,6 +132,11 @@ class LoopScheduler:
                     await job.func()
                 else:  # AsyncIOScheduler runs plain functions in the loop's executor: they may block
                     await asyncio.to_thread(job.func)
+            except asyncio.CancelledError:
+                if job.removed:  # shutdown() cancelled it
+                    raise
+                # A poll's own cancellation (a timeout inside it) must not end its schedule for good.
+                _scheduler_log.exception("job %s was cancelled", job.id)
             except Exception:
                 _scheduler_log.exception("job %s raised an exception", job.id)
             finally:
@@ -145,6 +157,8 @@ class _LoopJob:
     func: Callable[[], Any]
     task: asyncio.Task[None] | None = None
     running: bool = False
+    removed: bool = False
+    after: asyncio.Task[None] | None = None  # the run of the job this one replaced, to finish first
 
 
 class Poller:
