@@ -51,10 +51,12 @@ CONFIG: dict[str, Any] = {
                                          "step": 0.03, "step_window": "3m", "for": "1m"},
         # The same shape in minutes, for a leak that shows up late, the pool already `threshold` used:
         # the forecast needs 6 minutes of rise, more than such a pool has left (the incident: 2/3 used,
-        # one more held every 15 s, full in 5 minutes). Two rising spans keep a one-off step quiet; a
-        # checkout held past `age` seconds (a leak's, not a request's) keeps a pool warming up quiet.
+        # one more held every 15 s, full in 5 minutes). Two rising spans keep a one-off step quiet, and
+        # a leak's shape is asked of one code site too: its count rose by `step` over the two spans and
+        # its oldest checkout is past `site_age` s. A ramp or a pool warming up, even beside a LISTEN
+        # connection held for hours, has no such site. Needs the hooks' site attribution (the default).
         "DbpoolPoolExhaustionImminent": {"severity": "critical", "threshold": 0.7, "horizon": "10m", "window": "2m",
-                                         "step": 0.03, "step_window": "1m", "age": 60, "for": "0s"},
+                                         "step": 0.03, "step_window": "1m", "site_age": 60, "for": "0s"},
         # Seconds: p95 of dbpool_acquire_wait_seconds over 5m, or psycopg's mean wait of queued requests.
         "DbpoolAcquireWaitSlow": {"severity": "warning", "threshold": 5, "for": "2m"},
         # Acquire timeouts within 5m above this count.
@@ -255,8 +257,12 @@ def _alert_exprs(config: dict[str, Any]) -> dict[str, str]:
         fc = a[name]
         step, sw = f"clamp_min({_num(fc['step'])} * {limit}, 2)", fc["step_window"]
         used = f"and {on}\n{floor} >= {on} {t(name)} * {limit}\n" if "threshold" in fc else ""
-        if "age" in fc:
-            used += f"and {on}\n{q.m('dbpool_oldest_checkout_age_seconds')} > {_num(fc['age'])}\n"
+        if "site_age" in fc:
+            site = 'site!="other"'
+            count = q.m("dbpool_site_checked_out_connections", site)
+            age = q.m("dbpool_site_oldest_checkout_age_seconds", site)
+            used += (f"and {on}\n(\n  ({count} - {count} offset {_double(sw)})\n  >= {on} group_left {step}\n"
+                     f"  and\n  {age} > {_num(fc['site_age'])}\n)\n")
         return (f"predict_linear({floor}[{fc['window']}], {_seconds(fc['horizon'])})\n"
                 f">= {on}\n({limit} > 0)\n{used}"
                 f"and {on}\n({floor} - {floor} offset {sw}) >= {on} {step}\n"
@@ -388,11 +394,12 @@ def _annotations(config: dict[str, Any]) -> dict[str, tuple[str, str]]:
             "bursts do not explain is how a connection leak looks." + top),
         "DbpoolPoolExhaustionImminent": (
             "Connection pool {{ $labels.pool }} will run out of connections within minutes.",
-            _POOL_CAP + " has more than " + pct("DbpoolPoolExhaustionImminent") + " of its connections out, one "
-            "held for over " + _num(im["age"]) + " s, and more every minute: their 1m floor grew in each of the "
-            "last two " + im["step_window"] + " and, at the trend of the last " + im["window"] + ", reaches the "
-            "pool's limit within " + im["horizon"] + " (forecast: {{ $value | humanize }}). Callers will then "
-            "wait, and fail at the pool's acquire timeout." + top),
+            _POOL_CAP + " has at least " + pct("DbpoolPoolExhaustionImminent") + " of its connections out and "
+            "more every minute: their 1m floor grew in each of the last two " + im["step_window"] + ", one code "
+            "site holds more of them with its oldest out for over " + _num(im["site_age"]) + " s, and at the "
+            "trend of the last " + im["window"] + " the pool reaches its limit within " + im["horizon"]
+            + " (forecast: {{ $value | humanize }}). Callers will then wait, and fail at the pool's acquire "
+            "timeout." + top),
         "DbpoolAcquireWaitSlow": (
             "Acquiring a connection from pool {{ $labels.pool }} takes more than "
             + _num(a["DbpoolAcquireWaitSlow"]["threshold"]) + " s.",

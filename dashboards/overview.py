@@ -133,7 +133,8 @@ def panels() -> list[g.Panel]:
             "Held-connection floor", "Connections held through a whole minute (the minimum of checked out over "
             "1m), against the limit (dashed). Bursts do not move it; a leak raises it steadily, and "
             "DbpoolPoolExhaustionForecast fires when its 10m trend reaches the limit within 30m, "
-            "DbpoolPoolExhaustionImminent when, above 70%, its 2m trend does within 10m.",
+            "DbpoolPoolExhaustionImminent when, from 70% and with one site holding ever more, its 2m trend "
+            "does within 10m.",
             [target(f'sum without (worker, state) (min_over_time(dbpool_connections{{{S}, state="checked_out"}}[1m]))',
                     "{{pool}} {{instance}}"),
              target(MAX, "{{pool}} max {{instance}}")],
