@@ -117,7 +117,7 @@ def _render(template: str, line: int, is_async: bool, params: str, key: str, pas
                              conn_key=checkout_key("conn"), last_key=checkout_key(names[-1] if names else ""),
                              pass_on=f"{await_}original({args})" if pass_on else "pass",
                              # Keyed by the object, a checkout held across a poll sits under a weak key.
-                             missed=f"else: late({names[-1]})" if by_object and names else "")
+                             missed=f"else: late({checkout_key(names[-1])})" if by_object and names else "")
     namespace: dict[str, Any] = {}
     # Blank lines first, so the rendered code's line numbers are the template's in this file.
     exec(compile("\n" * (line - 1) + source, __file__, "exec"), _GLOBALS, namespace)
