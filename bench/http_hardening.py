@@ -12,11 +12,9 @@ slow:    a child process under RLIMIT_NOFILE=256 serves /metrics while 600 clien
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +24,9 @@ import urllib.request
 from prometheus_client import CollectorRegistry, Gauge, make_wsgi_app
 
 from dbpool_exporter import httpserver
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+from procs import cpu_seconds, slow_clients  # noqa: E402
 
 
 def _app() -> object:
@@ -76,12 +77,6 @@ time.sleep(120)
 """
 
 
-def _cpu(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def slow() -> None:
     here = os.path.dirname(os.path.abspath(__file__))
     for label, limit in (("no connection bound (before)", "10**6"), ("default bound (now)", "None")):
@@ -91,21 +86,10 @@ def slow() -> None:
         port = int(child.stdout.readline())
         stop, opened = threading.Event(), []
 
-        def trickle(port: int = port, stop: threading.Event = stop, opened: list[socket.socket] = opened) -> None:
-            for _ in range(600):
-                with contextlib.suppress(OSError):
-                    s = socket.create_connection(("127.0.0.1", port), timeout=2)
-                    s.sendall(b"GET /metrics HTTP/1.1\r\n")
-                    opened.append(s)
-            while not stop.wait(2):
-                for s in list(opened):
-                    with contextlib.suppress(OSError):
-                        s.sendall(b"X-Slow: 1\r\n")
-
-        thread = threading.Thread(target=trickle, daemon=True)
+        thread = threading.Thread(target=slow_clients, args=(port, 600, stop, opened), daemon=True)
         thread.start()
         time.sleep(5)
-        cpu0, t0 = _cpu(child.pid), time.monotonic()
+        cpu0, t0 = cpu_seconds(child.pid), time.monotonic()
         times, failures = [], 0
         for _ in range(10):
             started = time.monotonic()
@@ -116,7 +100,7 @@ def slow() -> None:
             except OSError:
                 failures += 1
             time.sleep(0.3)
-        cpu = (_cpu(child.pid) - cpu0) / (time.monotonic() - t0)
+        cpu = (cpu_seconds(child.pid) - cpu0) / (time.monotonic() - t0)
         stop.set()
         thread.join(timeout=10)
         for s in opened:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -21,6 +20,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+
+from procs import stop_process  # noqa: E402
 
 from dbpool_exporter.throwaway import free_port  # noqa: E402
 from promstack import PromStack, wait_until  # noqa: E402
@@ -66,13 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if stack is not None:
             stack.stop()
-        if demo.poll() is None:
-            demo.send_signal(signal.SIGTERM)
-            try:
-                demo.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                demo.kill()
-                demo.wait()
+        stop_process(demo, grace=30)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ import contextlib
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,9 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from dbpool_exporter.throwaway import PgCluster, free_port
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+from procs import stop_process  # noqa: E402
 
 EXPORTER = os.path.join(os.path.dirname(sys.executable), "dbpool-exporter")
 PG_EXPORTER = "prometheus-postgres-exporter"
@@ -114,12 +116,7 @@ def running(cmd: list[str], env: dict[str, str]) -> Iterator[subprocess.Popen[by
     try:
         yield proc
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        stop_process(proc)
 
 
 def measure(name: str, cmd: list[str], env: dict[str, str], port: int, polls: int, wait: float,

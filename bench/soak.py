@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,9 @@ from typing import Any
 import psycopg
 
 from dbpool_exporter.throwaway import PgCluster, free_port
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from procs import stop_process  # noqa: E402
 
 DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -168,13 +170,7 @@ def soak(dsn: str, duration: float, sample_every: float, warmup: float, interval
             churn.join(timeout=10)
             scraper.join(timeout=15)
             alive = proc.poll() is None
-            if alive:
-                proc.send_signal(signal.SIGTERM)
-            try:
-                code = proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                code = proc.wait(timeout=10)
+            code = stop_process(proc, grace=15)
     lat = sorted(scraper.latencies)
 
     def pct(q: float) -> float:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
 import time
 from typing import Mapping
+
+from procs import stop_process
 
 from dbpool_exporter.throwaway import free_port
 
@@ -87,14 +88,8 @@ class Bouncer:
     def stop(self) -> None:
         """Immediate shutdown (SIGTERM), waited for, so the port is free again."""
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        if proc is not None:
+            stop_process(proc)
 
     def log(self) -> str:
         with contextlib.suppress(OSError), open(self.logfile) as f:

@@ -12,6 +12,7 @@ import urllib.request
 from typing import Callable
 
 import pytest
+from procs import stop_process
 from prometheus_client.parser import text_string_to_metric_families
 
 from dbpool_exporter.throwaway import free_port
@@ -85,13 +86,7 @@ class Demo:
 
     def kill(self) -> None:
         """After a failed test: SIGTERM first, so the demo still removes its throwaway cluster."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        stop_process(self.proc, grace=30)
 
 
 def processes_mentioning(path: str) -> list[str]:

@@ -14,6 +14,7 @@ import urllib.request
 from typing import Any, Callable, TypeVar
 
 import yaml
+from procs import stop_process
 
 from dbpool_exporter.throwaway import free_port
 
@@ -72,13 +73,7 @@ class _Process:
             raise StackError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        stop_process(self.proc, grace=15)
         self._log.close()
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import psycopg
 import pytest
 import sqlalchemy
+from procs import cpu_seconds, slow_clients
 
 from daemonproc import DaemonProcess, clean_env, exporter_command
 from dbpool_exporter import Exporter
@@ -268,41 +269,22 @@ def test_tls_clients_hanging_up_never_print_a_traceback(tmp_path: Path, pki: Pat
 
 # --- 5. file-descriptor exhaustion ------------------------------------------------------------------
 
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _slow_clients(port: int, count: int, stop: threading.Event, opened: list[socket.socket]) -> None:
-    for _ in range(count):
-        if stop.is_set():
-            return
-        with contextlib.suppress(OSError):
-            s = socket.create_connection(("127.0.0.1", port), timeout=5)
-            s.sendall(b"GET /metrics HTTP/1.1\r\n")
-            opened.append(s)
-    while not stop.wait(2):
-        for s in list(opened):
-            with contextlib.suppress(OSError):
-                s.sendall(b"X-Slow: 1\r\n")
-
-
 def test_slow_clients_cannot_exhaust_file_descriptors(tmp_path: Path, pg_dsn: str,
                                                       daemons: list[DaemonProcess]) -> None:
     d = _limited(tmp_path, f"servers:\n  - name: pg\n    dsn: '{pg_dsn}'\n", nofile=128)
     daemons.append(d)
     d.wait_ready()
     stop, opened = threading.Event(), []
-    slow = threading.Thread(target=_slow_clients, args=(d.port, 300, stop, opened), daemon=True)
+    slow = threading.Thread(target=slow_clients, args=(d.port, 300, stop, opened), daemon=True)
     slow.start()
     try:
         time.sleep(3)
-        cpu_before, wall_before = _cpu_seconds(d.proc.pid), time.monotonic()
+        cpu_before, wall_before = cpu_seconds(d.proc.pid), time.monotonic()
         statuses = []
         for _ in range(10):
             statuses.append(d.get("/metrics")[0])
             time.sleep(0.2)
-        cpu = (_cpu_seconds(d.proc.pid) - cpu_before) / (time.monotonic() - wall_before)
+        cpu = (cpu_seconds(d.proc.pid) - cpu_before) / (time.monotonic() - wall_before)
     finally:
         stop.set()
         slow.join(timeout=10)
@@ -382,9 +364,9 @@ def test_out_of_descriptors_does_not_spin_the_accept_loop() -> None:
             s.sendall(b"GET /metrics HTTP/1.1\r\n")
             opened.append(s)
         time.sleep(1)
-        cpu_before, wall_before = _cpu_seconds(child.pid), time.monotonic()
+        cpu_before, wall_before = cpu_seconds(child.pid), time.monotonic()
         time.sleep(2)
-        cpu = (_cpu_seconds(child.pid) - cpu_before) / (time.monotonic() - wall_before)
+        cpu = (cpu_seconds(child.pid) - cpu_before) / (time.monotonic() - wall_before)
         print(f"accept loop out of descriptors: CPU {cpu:.0%}")
         assert cpu < 0.5
         assert child.poll() is None
